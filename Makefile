@@ -1,0 +1,45 @@
+# Two commands do all the set-up: `make demo` and `make test` (see README).
+SHELL := /bin/bash
+VENV  := .venv
+PY    := $(VENV)/bin/python
+STAMP := $(VENV)/.bootstrap-done
+
+# Offline Prefect, with the project's own home (SQLite database, server log) inside the checkout.
+export DO_NOT_TRACK := 1
+export PREFECT_SERVER_ANALYTICS_ENABLED := false
+export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS := 90
+export PREFECT_HOME := $(CURDIR)/.prefect
+export PREFECT_LOGGING_EXTRA_LOGGERS := flows,tasks,models,storage
+# the tiers default to ./data/fast and ./data/bulk; set these to put them on real disks
+export IMAGESMITH_FAST_DIR ?= $(CURDIR)/data/fast
+export IMAGESMITH_BULK_DIR ?= $(CURDIR)/data/bulk
+
+PYTEST_ARGS ?=
+
+.PHONY: setup demo test server stop-server doctor clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml scripts/bootstrap.sh scripts/make_pillow_shim.py
+	bash scripts/bootstrap.sh
+	touch $@
+
+## make demo: set up, start a local Prefect server on 127.0.0.1 if none runs, run the pipeline on the bundled sample
+demo: $(STAMP)
+	$(VENV)/bin/imagesmith demo
+
+## make test: set up, then run the test suite
+test: $(STAMP)
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+server: $(STAMP)
+	$(VENV)/bin/imagesmith server start
+
+stop-server: $(STAMP)
+	$(VENV)/bin/imagesmith server stop
+
+doctor: $(STAMP)
+	$(VENV)/bin/imagesmith doctor
+
+clean:
+	rm -rf $(VENV) .pytest_cache

@@ -1,0 +1,1 @@
+"""Prefect flows: wire tasks together and choose task runners. No compute here."""

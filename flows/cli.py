@@ -1,0 +1,160 @@
+"""The ``imagesmith`` command."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+from pathlib import Path
+
+# Offline defaults for every command; the user's own settings win.
+_OFFLINE_ENV = {
+    "DO_NOT_TRACK": "1",
+    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+    "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "90",
+    "PREFECT_LOGGING_EXTRA_LOGGERS": "flows,tasks,models,storage",
+}
+
+
+def _cmd_doctor(args: argparse.Namespace) -> int:
+    import h5py
+    import prefect
+    import torch
+
+    from storage.tiers import Tiers
+    from tasks.imaging import imaging_backend
+
+    info = imaging_backend()
+    tiers = Tiers.from_env()
+    print(f"imaging backend : {info['backend']} (PIL {info['pil_version']}; "
+          f"dists: pillow-simd={info['pillow_simd_dist']}, pillow={info['pillow_dist']})")
+    print(f"  libjpeg-turbo : {info['libjpeg_turbo']} (libjpeg {info['libjpeg_version']})")
+    print(f"  AVX2          : cpu={info['cpu_avx2']} build={info['built_with_avx2']} ({info['build_note']})")
+    if info["backend"] != "pillow-simd":
+        print("  WARNING: plain Pillow is active; resizing runs ~2x slower. Run `make setup` as root to build pillow-simd.")
+    print(f"torch           : {torch.__version__} (CUDA available: {torch.cuda.is_available()})")
+    print(f"prefect         : {prefect.__version__} (API: {os.environ.get('PREFECT_API_URL') or 'none: ephemeral mode'})")
+    print(f"h5py / HDF5     : {h5py.__version__} / {h5py.version.hdf5_version}")
+    for name in ("fast", "bulk"):
+        root = tiers.root(name)
+        probe = root if root.exists() else next((p for p in root.parents if p.exists()), Path("/"))
+        free = shutil.disk_usage(probe).free / 2**30
+        print(f"tier {name:<10} : {root} ({free:.1f} GiB free)")
+    if args.json:
+        print(json.dumps(info))
+    return 0
+
+
+def _cmd_sample(args: argparse.Namespace) -> int:
+    from storage.tiers import Tiers
+    from tasks.sample import build_sample, run_sample, sample_stage
+
+    sizes = {"seed": args.seed, "train_per_class": args.train_per_class, "val_per_class": args.val_per_class}
+    if args.out:
+        out = Path(args.out)
+        if out.exists() and any(out.iterdir()):
+            print(f"error: {out} is not empty; choose a new folder", file=sys.stderr)
+            return 2
+        summary = build_sample(out, **sizes)
+        print(f"sample dataset: {out.resolve()} ({summary['counts']})")
+    else:
+        stage = run_sample(sample_stage(Tiers.from_env(), **sizes), **sizes)
+        print(f"sample dataset: {stage.path} ({stage.manifest()['counts']})")
+    return 0
+
+
+def _run_pipeline(args: argparse.Namespace) -> dict[str, str]:
+    from flows.pipeline import pipeline
+
+    return pipeline(source=args.source, seed=args.seed, refresh=args.refresh)
+
+
+def _print_outputs(outputs: dict[str, str]) -> None:
+    from storage.stage import open_stage
+
+    print("\nartifacts:")
+    for stage, path in outputs.items():
+        manifest = open_stage(path).manifest()
+        counts = manifest.get("counts", "")
+        print(f"  {stage:<8} {path}  {counts}")
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    _print_outputs(_run_pipeline(args))
+    return 0
+
+
+def _cmd_server(args: argparse.Namespace) -> int:
+    from flows.server import api_url, is_healthy, start_server, stop_server
+
+    if args.action == "start":
+        url, started = start_server(port=args.port)
+        print(f"prefect server {'started' if started else 'already running'}: UI {url.removesuffix('/api')}")
+    elif args.action == "stop":
+        print("stopped" if stop_server() else "no server started by imagesmith is recorded")
+    else:
+        url = api_url(port=args.port)
+        print(f"{url}: {'healthy' if is_healthy(url) else 'not answering'}")
+    return 0
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    from flows.server import start_server
+
+    url, started = start_server(port=args.port)
+    print(f"prefect server {'started' if started else 'already running'} at {url}")
+    with temporary_settings(updates={PREFECT_API_URL: url}):
+        outputs = _run_pipeline(args)
+    _print_outputs(outputs)
+    print(f"\nPrefect UI: {url.removesuffix('/api')}  (flow runs, task runs, logs and artifacts)")
+    print("stop the server with: make stop-server")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="imagesmith", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("doctor", help="report the imaging backend, versions, tiers and Prefect API")
+    p.add_argument("--json", action="store_true", help="also print the imaging record as JSON")
+    p.set_defaults(func=_cmd_doctor)
+
+    p = sub.add_parser("sample", help="build the bundled sample dataset (real photos, ImageNet layout)")
+    p.add_argument("--out", help="folder to write (default: a stage directory on the bulk tier)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--train-per-class", type=int, default=40)
+    p.add_argument("--val-per-class", type=int, default=10)
+    p.set_defaults(func=_cmd_sample)
+
+    for name, func, text in (
+        ("run", _cmd_run, "run the pipeline flow (against PREFECT_API_URL, or ephemeral when unset)"),
+        ("demo", _cmd_demo, "start a local Prefect server if none runs, then run the pipeline on the sample"),
+    ):
+        p = sub.add_parser(name, help=text)
+        p.add_argument("--source", help="ImageNet-layout folder (train/<wnid>/*.JPEG); default: the bundled sample")
+        p.add_argument("--seed", type=int, default=0, help="shuffle seed")
+        p.add_argument("--refresh", action="store_true", help="recompute cached stages")
+        if name == "demo":
+            p.add_argument("--port", type=int, default=4200)
+        p.set_defaults(func=func)
+
+    p = sub.add_parser("server", help="manage the local Prefect server (127.0.0.1, PREFECT_HOME=.prefect)")
+    p.add_argument("action", choices=["start", "stop", "status"])
+    p.add_argument("--port", type=int, default=4200)
+    p.set_defaults(func=_cmd_server)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    for key, value in _OFFLINE_ENV.items():
+        os.environ.setdefault(key, value)
+    args = build_parser().parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""PyTorch modules, losses, training loops and schedules (no Prefect imports here)."""

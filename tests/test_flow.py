@@ -1,0 +1,68 @@
+"""The pipeline flow against a real Prefect server (one per session, on 127.0.0.1)."""
+
+import asyncio
+import shutil
+
+import pytest
+
+from storage.stage import open_stage
+from tasks.listing import read_split
+
+
+def _task_states(flow_run_id):
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    async def read():
+        async with get_client() as client:
+            runs = await client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
+            # task run names are "<task name>-<suffix>"
+            return {run.name.rsplit("-", 1)[0]: run.state.name for run in runs}
+
+    return asyncio.run(read())
+
+
+@pytest.fixture
+def tier_env(tmp_path, monkeypatch):
+    monkeypatch.setenv("IMAGESMITH_FAST_DIR", str(tmp_path / "fast"))
+    monkeypatch.setenv("IMAGESMITH_BULK_DIR", str(tmp_path / "bulk"))
+    return tmp_path
+
+
+def test_pipeline_builds_sample_and_listing_then_a_rerun_is_cached(prefect_server, tier_env):
+    from flows.pipeline import pipeline
+
+    params = {"sample_train_per_class": 3, "sample_val_per_class": 1}
+    state = pipeline(**params, return_state=True)
+    outputs = state.result()
+    assert outputs["dataset"].startswith(str(tier_env / "bulk" / "sample"))
+    assert outputs["listing"].startswith(str(tier_env / "fast" / "listing"))
+    listing = open_stage(outputs["listing"]).manifest()
+    assert listing["counts"] == {"train": 3 * 7 + 5, "val": 7}
+    assert len(read_split(outputs["listing"], "train").paths) == 26
+    first = _task_states(state.state_details.flow_run_id)
+    assert first == {"build-sample-dataset": "Completed", "fingerprint-dataset": "Completed",
+                     "list-and-shuffle": "Completed"}
+    assert any((tier_env / "fast" / "prefect" / "results").iterdir())
+    assert any((tier_env / "fast" / "prefect" / "cache-keys").iterdir())
+
+    rerun = pipeline(**params, return_state=True)
+    assert rerun.result() == outputs
+    assert _task_states(rerun.state_details.flow_run_id) == {
+        "build-sample-dataset": "Cached", "fingerprint-dataset": "Completed", "list-and-shuffle": "Cached",
+    }
+
+
+def test_pipeline_relists_a_user_folder_after_it_changes(prefect_server, tier_env, sample_root):
+    from flows.pipeline import pipeline
+
+    root = tier_env / "imagenet"
+    shutil.copytree(sample_root, root)
+    first = pipeline(source=str(root), seed=1)
+    assert set(first) == {"dataset", "listing"}
+    wnid = sorted(p.name for p in (root / "train").iterdir())[0]
+    shutil.copy(next((root / "train" / wnid).glob("*.JPEG")), root / "train" / wnid / "new.JPEG")
+    second = pipeline(source=str(root), seed=1)
+    assert second["listing"] != first["listing"]
+    assert open_stage(second["listing"]).manifest()["counts"]["train"] == \
+        open_stage(first["listing"]).manifest()["counts"]["train"] + 1

@@ -1,0 +1,115 @@
+import shutil
+
+import numpy as np
+import pytest
+
+from tasks.listing import (
+    fingerprint_dataset,
+    list_dataset,
+    listing_stage,
+    read_classes,
+    read_split,
+    run_listing,
+    shuffle_listing,
+)
+from tasks.sample import SAMPLE_PHOTOS
+
+N_CLASSES = len(SAMPLE_PHOTOS)
+
+
+@pytest.fixture
+def own_sample(sample_root, tmp_path):
+    """A private copy of the session sample, for tests that change the folder."""
+    root = tmp_path / "ds"
+    shutil.copytree(sample_root, root)
+    return root
+
+
+def test_labels_are_indices_of_sorted_wnids(sample_root):
+    listing = list_dataset(sample_root)
+    assert listing.classes == sorted(p.wnid for p in SAMPLE_PHOTOS)
+    for split, s in listing.splits.items():
+        assert len(s.paths) == len(s.labels)
+        for path, label in zip(s.paths, s.labels):
+            assert path.split("/")[:2] == [split, listing.classes[label]]
+    # 4 train per class + the 5 planted bad files (they are image-named files: stage 2 judges them)
+    assert len(listing.splits["train"].paths) == 4 * N_CLASSES + 5
+    assert len(listing.splits["val"].paths) == 2 * N_CLASSES
+
+
+def test_non_image_entries_are_skipped_and_counted(own_sample):
+    wnid = SAMPLE_PHOTOS[0].wnid
+    (own_sample / "train" / wnid / "README.txt").write_text("notes")
+    (own_sample / "train" / wnid / "nested").mkdir()
+    (own_sample / "train" / "LOC_synset_mapping.txt").write_text("stray")
+    listing = list_dataset(own_sample)
+    assert listing.skipped == 3
+    assert not any(p.endswith(("README.txt", "nested")) for p in listing.splits["train"].paths)
+
+
+def test_shuffle_is_a_seeded_permutation_that_keeps_path_label_pairs(sample_root):
+    listing = list_dataset(sample_root)
+    a, b, c = (shuffle_listing(listing, seed) for seed in (7, 7, 8))
+    train = listing.splits["train"]
+    assert a.splits["train"].paths == b.splits["train"].paths
+    assert a.splits["train"].paths != c.splits["train"].paths
+    assert sorted(a.splits["train"].paths) == sorted(train.paths)
+    pairs = dict(zip(train.paths, train.labels.tolist()))
+    assert all(pairs[p] == label for p, label in zip(a.splits["train"].paths, a.splits["train"].labels.tolist()))
+    # train and val draw from different streams
+    assert a.splits["val"].paths != shuffle_listing(listing, 7).splits["val"].paths[::-1]
+
+
+def test_shuffled_chunks_mix_classes(sample_root):
+    # the point of shuffling once: a contiguous chunk is a random mix, not one class
+    s = shuffle_listing(list_dataset(sample_root), 0).splits["train"]
+    chunks = [s.labels[i:i + 8] for i in range(0, len(s.labels) - 7, 8)]
+    assert all(len(np.unique(c)) >= 3 for c in chunks)
+    assert len(np.unique(list_dataset(sample_root).splits["train"].labels[:8])) == 1  # sorted order is not mixed
+
+
+def test_fingerprint_changes_when_a_file_is_added_and_only_then(own_sample):
+    before = fingerprint_dataset(own_sample)
+    assert fingerprint_dataset(own_sample) == before
+    wnid = SAMPLE_PHOTOS[1].wnid
+    shutil.copy(next((own_sample / "train" / wnid).iterdir()), own_sample / "train" / wnid / "extra.JPEG")
+    assert fingerprint_dataset(own_sample) != before
+
+
+def test_missing_root_error_names_the_expected_layout(tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"is not a directory; expected .*/train/<wnid>/\*\.JPEG"):
+        list_dataset(tmp_path / "nope")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="no 'train' or 'val' folder under"):
+        fingerprint_dataset(tmp_path / "empty")
+
+
+def test_written_listing_reads_back_in_shuffled_order(sample_root, tiers):
+    stage = listing_stage(tiers, root=sample_root, fingerprint=fingerprint_dataset(sample_root), seed=3)
+    run_listing(stage, root=sample_root, seed=3)
+    expected = shuffle_listing(list_dataset(sample_root), 3)
+    assert read_classes(stage.path) == expected.classes
+    for split in ("train", "val"):
+        got = read_split(stage.path, split)
+        assert got.paths == expected.splits[split].paths
+        np.testing.assert_array_equal(got.labels, expected.splits[split].labels)
+    m = stage.manifest()
+    assert m["counts"] == {"train": 4 * N_CLASSES + 5, "val": 2 * N_CLASSES}
+    assert m["seed"] == 3 and m["elapsed_s"] >= m["list_s"] >= 0
+    assert sum(m["per_class"]["val"]) == 2 * N_CLASSES
+
+
+def test_interrupted_listing_is_redone(sample_root, tiers):
+    stage = listing_stage(tiers, root=sample_root, fingerprint="f", seed=0)
+    stage.prepare()
+    (stage.path / "train.tsv").write_text("garbage from a killed run\n")
+    run_listing(stage, root=sample_root, seed=0)
+    assert stage.is_complete
+    assert read_split(stage.path, "train").paths == shuffle_listing(list_dataset(sample_root), 0).splits["train"].paths
+
+
+def test_finished_listing_is_not_redone(sample_root, tiers):
+    stage = run_listing(listing_stage(tiers, root=sample_root, fingerprint="f", seed=0), root=sample_root, seed=0)
+    files = {p.name: (p.stat().st_ino, p.stat().st_mtime_ns) for p in stage.path.iterdir()}
+    run_listing(stage, root=sample_root, seed=0)
+    assert {p.name: (p.stat().st_ino, p.stat().st_mtime_ns) for p in stage.path.iterdir()} == files

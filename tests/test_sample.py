@@ -1,0 +1,108 @@
+import hashlib
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+from PIL import Image
+
+from storage.tiers import Tiers
+from tasks.sample import BAD_INPUT_KINDS, SAMPLE_PHOTOS, build_sample, run_sample, sample_stage
+from tests.conftest import SMALL_SAMPLE
+
+
+def _digests(root):
+    return {
+        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(root.rglob("*")) if p.is_file() and p.name != "manifest.json"
+    }
+
+
+def test_layout_is_imagenet_style_with_real_wnids(sample_root):
+    for split, n in (("train", 4), ("val", 2)):
+        wnids = sorted(d.name for d in (sample_root / split).iterdir())
+        assert wnids == sorted(p.wnid for p in SAMPLE_PHOTOS)
+        for wnid in wnids:
+            assert re.fullmatch(r"n\d{8}", wnid)
+            files = sorted((sample_root / split / wnid).iterdir())
+            good = [f for f in files if not f.stem.endswith(tuple(f"_{9000 + k}" for k in range(5)))]
+            assert len(good) == n
+            assert all(re.fullmatch(rf"{wnid}_\d+\.JPEG", f.name) for f in files)
+
+
+def test_good_images_are_real_rgb_jpegs_of_varied_imagenet_like_sizes(sample_root):
+    sizes = set()
+    for path in sample_root.glob("*/*/*.JPEG"):
+        if int(path.stem.split("_")[1]) >= 9000:
+            continue
+        with Image.open(path) as im:
+            im.load()
+            assert im.format == "JPEG" and im.mode == "RGB"
+            sizes.add(im.size)
+            assert 120 <= min(im.size) < 900
+    assert len(sizes) > 30  # 42 images: augmentation gives (nearly) every one its own size
+
+
+def test_same_seed_gives_identical_bytes_and_another_seed_does_not(sample_root, tmp_path):
+    again = tmp_path / "again"
+    build_sample(again, **SMALL_SAMPLE)
+    assert _digests(again) == _digests(sample_root)
+    other = tmp_path / "other"
+    build_sample(other, **{**SMALL_SAMPLE, "seed": 1})
+    assert _digests(other).keys() == _digests(sample_root).keys()
+    assert sum(a != b for a, b in zip(_digests(other).values(), _digests(sample_root).values())) > 40
+
+
+def test_planted_bad_inputs_are_what_the_summary_says(tmp_path):
+    summary = build_sample(tmp_path, seed=0, train_per_class=1, val_per_class=0)
+    kinds = {p["kind"]: tmp_path / p["path"] for p in summary["planted"]}
+    assert set(kinds) == set(BAD_INPUT_KINDS)
+    assert all(path.name.endswith(".JPEG") for path in kinds.values())
+    with Image.open(kinds["cmyk"]) as im:
+        assert (im.format, im.mode) == ("JPEG", "CMYK")
+    with Image.open(kinds["grayscale"]) as im:
+        assert (im.format, im.mode) == ("JPEG", "L")
+    with Image.open(kinds["png_named_jpeg"]) as im:
+        assert im.format == "PNG"
+    with Image.open(kinds["truncated"]) as im, pytest.raises(OSError, match="truncated"):
+        im.load()
+    assert kinds["empty"].stat().st_size == 0
+
+
+def test_bad_sizes_are_rejected_with_the_values(tmp_path):
+    with pytest.raises(ValueError, match="train_per_class must be >= 1 and val_per_class >= 0, got 0 and 1"):
+        build_sample(tmp_path, train_per_class=0, val_per_class=1)
+
+
+@pytest.mark.slow
+def test_sample_stage_killed_mid_build_is_redone_identically(tmp_path):
+    """kill -9 while the stage writes images: no manifest; the rerun rebuilds the same bytes."""
+    tiers = Tiers(fast=tmp_path / "fast", bulk=tmp_path / "bulk")
+    sizes = {"seed": 5, "train_per_class": 30, "val_per_class": 0}
+    stage = sample_stage(tiers, **sizes)
+    code = (
+        "import sys, pathlib\n"
+        "from storage.tiers import Tiers\n"
+        "from tasks.sample import run_sample, sample_stage\n"
+        "t = Tiers(fast=pathlib.Path(sys.argv[1]), bulk=pathlib.Path(sys.argv[2]))\n"
+        "s = dict(seed=5, train_per_class=30, val_per_class=0)\n"
+        "run_sample(sample_stage(t, **s), **s)\n"
+    )
+    proc = subprocess.Popen([sys.executable, "-c", code, str(tiers.fast), str(tiers.bulk)], cwd=os.getcwd())
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and len(list(stage.path.glob("train/*/*.JPEG"))) < 20:
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    written = len(list(stage.path.glob("train/*/*.JPEG")))
+    assert 20 <= written < 30 * len(SAMPLE_PHOTOS), "the kill should land mid-build"
+    assert not stage.is_complete
+
+    run_sample(stage, **sizes)
+    assert stage.is_complete
+    fresh = tmp_path / "fresh"
+    build_sample(fresh, **sizes)
+    assert _digests(stage.path) == _digests(fresh)
