@@ -5,11 +5,10 @@ PY    := $(VENV)/bin/python
 STAMP := $(VENV)/.bootstrap-done
 
 # Offline Prefect, with the project's own home (SQLite database, server log) inside the checkout.
+# The other Prefect settings are in prefect.toml (and flows/offline.py for runs outside this folder).
 export DO_NOT_TRACK := 1
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
-export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS := 90
 export PREFECT_HOME := $(CURDIR)/.prefect
-export PREFECT_LOGGING_EXTRA_LOGGERS := flows,tasks,models,storage
 # the tiers default to ./data/fast and ./data/bulk; set these to put them on real disks
 export IMAGESMITH_FAST_DIR ?= $(CURDIR)/data/fast
 export IMAGESMITH_BULK_DIR ?= $(CURDIR)/data/bulk

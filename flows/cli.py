@@ -9,14 +9,7 @@ import shutil
 import sys
 from pathlib import Path
 
-# Offline defaults for every command; the user's own settings win.
-_OFFLINE_ENV = {
-    "DO_NOT_TRACK": "1",
-    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-    "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "90",
-    "PREFECT_LOGGING_EXTRA_LOGGERS": "flows,tasks,models,storage",
-}
-
+from flows.offline import apply_offline_defaults
 
 def _cmd_doctor(args: argparse.Namespace) -> int:
     import h5py
@@ -150,8 +143,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    for key, value in _OFFLINE_ENV.items():
-        os.environ.setdefault(key, value)
+    apply_offline_defaults()
     args = build_parser().parse_args(argv)
     return args.func(args)
 

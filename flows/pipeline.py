@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from prefect import flow
 
+from flows.logs import route_stage_logs
 from storage.tiers import Tiers
 from tasks.caching import stage_task_options
 from tasks.listing import LISTING_VERSION, fingerprint_dataset_task, list_and_shuffle
@@ -23,6 +24,7 @@ def pipeline(
 
     Returns ``{stage: directory}``. ``seed`` drives the shuffle; ``refresh`` recomputes cached stages.
     """
+    route_stage_logs()
     tiers = Tiers.from_env()
     if source is None:
         sample = build_sample_dataset.with_options(

@@ -1,9 +1,7 @@
-import os
+from flows.offline import apply_offline_defaults
 
-# Offline Prefect before anything imports it (the Makefile sets the same; this covers bare pytest).
-os.environ.setdefault("DO_NOT_TRACK", "1")
-os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "90")
+# Offline Prefect before anything imports it (bare pytest too, not only `make test`).
+apply_offline_defaults()
 
 import pytest  # noqa: E402
 
@@ -19,11 +17,21 @@ def tiers(tmp_path):
 
 
 @pytest.fixture(scope="session")
-def sample_root(tmp_path_factory):
+def sample_build(tmp_path_factory):
     """A small real sample (7 classes x (4 train + 2 val) + 5 planted bad files), built once. Read-only."""
     root = tmp_path_factory.mktemp("sample")
-    build_sample(root, **SMALL_SAMPLE)
-    return root
+    return root, build_sample(root, **SMALL_SAMPLE)
+
+
+@pytest.fixture(scope="session")
+def sample_root(sample_build):
+    return sample_build[0]
+
+
+@pytest.fixture(scope="session")
+def planted(sample_build):
+    """{relative path: kind} of the planted bad inputs in the session sample."""
+    return {p["path"]: p["kind"] for p in sample_build[1]["planted"]}
 
 
 @pytest.fixture(scope="session")

@@ -66,3 +66,26 @@ def test_pipeline_relists_a_user_folder_after_it_changes(prefect_server, tier_en
     assert second["listing"] != first["listing"]
     assert open_stage(second["listing"]).manifest()["counts"]["train"] == \
         open_stage(first["listing"]).manifest()["counts"]["train"] + 1
+
+
+def test_stage_log_lines_reach_the_flow_run(prefect_server, tier_env):
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
+
+    from flows.pipeline import pipeline
+
+    state = pipeline(sample_train_per_class=1, sample_val_per_class=1, seed=4, return_state=True)
+    flow_run_id = state.state_details.flow_run_id
+
+    async def read():
+        async with get_client() as client:
+            logs = await client.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run_id])))
+            return [(log.name, log.message) for log in logs]
+
+    for _ in range(20):  # the API log handler ships records in the background
+        logs = asyncio.run(read())
+        if any(name == "tasks.listing" for name, _ in logs):
+            break
+        __import__("time").sleep(0.5)
+    assert any(name == "tasks.listing" and "listing:" in msg for name, msg in logs), logs
+    assert any(name == "tasks.sample" and "train + " in msg for name, msg in logs), logs
