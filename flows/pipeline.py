@@ -2,19 +2,44 @@
 
 from __future__ import annotations
 
-from prefect import flow
+from typing import Any
+
+from prefect import flow, unmapped
 
 from flows.logs import route_stage_logs
+from flows.runners import shard_runner
 from storage.tiers import Tiers
 from tasks.caching import stage_task_options
 from tasks.listing import LISTING_VERSION, fingerprint_dataset_task, list_and_shuffle
+from tasks.resize import (
+    DEFAULT_SHARD_IMAGES,
+    DEFAULT_SIZE,
+    RESIZE_VERSION,
+    ResizeConfig,
+    ShardSpec,
+    join_resize,
+    plan_resize,
+    resize_shard_task,
+)
 from tasks.sample import SAMPLE_VERSION, build_sample_dataset
+
+
+@flow(name="resize-shards")
+def resize_shards(specs: list[ShardSpec], config: ResizeConfig, refresh: bool = False) -> list[dict[str, Any]]:
+    """Every shard of the resize stage; the caller picks the task runner (threads or Dask)."""
+    route_stage_logs()
+    tiers = Tiers.from_env()
+    shard = resize_shard_task.with_options(**stage_task_options(tiers, code_version=RESIZE_VERSION, refresh=refresh))
+    return shard.map(specs, unmapped(config)).result()
 
 
 @flow(name="imagesmith-pipeline")
 def pipeline(
     source: str | None = None,
     seed: int = 0,
+    size: int = DEFAULT_SIZE,
+    shard_images: int = DEFAULT_SHARD_IMAGES,
+    dask_address: str | None = None,
     sample_seed: int = 0,
     sample_train_per_class: int = 40,
     sample_val_per_class: int = 10,
@@ -22,17 +47,25 @@ def pipeline(
 ) -> dict[str, str]:
     """Run every stage on ``source`` (an ImageNet-layout folder) or, when None, on the bundled sample.
 
-    Returns ``{stage: directory}``. ``seed`` drives the shuffle; ``refresh`` recomputes cached stages.
+    Returns ``{stage: directory}``. ``seed`` drives the shuffle, ``size`` the square side of the
+    HDF5 stores; ``dask_address`` sends the resize shards to a Dask cluster; ``refresh``
+    recomputes cached stages.
     """
     route_stage_logs()
     tiers = Tiers.from_env()
+    config = ResizeConfig(size=size, shard_images=shard_images)  # validates before any work
+    cached = {"refresh": refresh}
     if source is None:
-        sample = build_sample_dataset.with_options(
-            **stage_task_options(tiers, code_version=SAMPLE_VERSION, refresh=refresh)
-        )
+        sample = build_sample_dataset.with_options(**stage_task_options(tiers, code_version=SAMPLE_VERSION, **cached))
         source = sample(tiers, sample_seed, sample_train_per_class, sample_val_per_class)
     fingerprint = fingerprint_dataset_task(source)
     listing = list_and_shuffle.with_options(
-        **stage_task_options(tiers, code_version=LISTING_VERSION, refresh=refresh)
+        **stage_task_options(tiers, code_version=LISTING_VERSION, **cached)
     )(source, fingerprint, seed, tiers)
-    return {"dataset": source, "listing": listing}
+
+    specs = plan_resize(listing, config, tiers)
+    results = resize_shards.with_options(task_runner=shard_runner(dask_address))(specs, config, refresh)
+    resized = join_resize.with_options(
+        **stage_task_options(tiers, code_version=RESIZE_VERSION, **cached)
+    )(listing, config, tiers, specs, results)
+    return {"dataset": source, "listing": listing, "resize": resized}

@@ -58,12 +58,18 @@ class StageDir:
         return json.loads(self.manifest_path.read_text())
 
     def prepare(self, *, clean: bool = False) -> Path:
-        """Create the directory; ``clean`` first removes what an interrupted run left behind."""
+        """Create the directory before any worker writes into it.
+
+        Removes the temporary files a killed writer left (``.tmp-*``, see storage.atomic); with
+        ``clean``, removes everything an interrupted run left (for stages redone as a whole).
+        """
         if self.is_complete:
             raise RuntimeError(f"stage {self.stage!r} at {self.path} is complete; refusing to modify it")
         if clean and self.path.exists():
             shutil.rmtree(self.path)
         self.path.mkdir(parents=True, exist_ok=True)
+        for stale in self.path.rglob(".tmp-*"):
+            stale.unlink()
         return self.path
 
     def complete(self, **fields: Any) -> dict[str, Any]:

@@ -25,6 +25,10 @@ class Tiers:
     fast: Path
     bulk: Path
 
+    def __post_init__(self) -> None:  # accept str paths from CLIs and configs
+        object.__setattr__(self, "fast", Path(self.fast))
+        object.__setattr__(self, "bulk", Path(self.bulk))
+
     @classmethod
     def from_env(cls, environ: Mapping[str, str] = os.environ) -> Tiers:
         """Tiers from ``IMAGESMITH_FAST_DIR`` / ``IMAGESMITH_BULK_DIR`` (default ./data/fast, ./data/bulk)."""

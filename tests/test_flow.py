@@ -2,6 +2,9 @@
 
 import asyncio
 import shutil
+from pathlib import Path
+
+import h5py
 
 import pytest
 
@@ -10,14 +13,24 @@ from tasks.listing import read_split
 
 
 def _task_states(flow_run_id):
+    """{task name: sorted state names} of the task runs of one flow run and of its subflow runs."""
     from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId, FlowRunFilterParentFlowRunId
 
     async def read():
         async with get_client() as client:
-            runs = await client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
-            # task run names are "<task name>-<suffix>"
-            return {run.name.rsplit("-", 1)[0]: run.state.name for run in runs}
+            children = await client.read_flow_runs(
+                flow_run_filter=FlowRunFilter(parent_flow_run_id=FlowRunFilterParentFlowRunId(any_=[flow_run_id]))
+            )
+            ids = [flow_run_id, *(child.id for child in children)]
+            runs = await client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=ids)))
+            states: dict[str, list[str]] = {}
+            for run in runs:
+                if run.name.startswith("resize-shards"):  # the subflow's placeholder task run
+                    continue
+                # task run names are "<task name>-<suffix>"
+                states.setdefault(run.name.rsplit("-", 1)[0], []).append(run.state.name)
+            return {name: sorted(v) for name, v in states.items()}
 
     return asyncio.run(read())
 
@@ -29,27 +42,34 @@ def tier_env(tmp_path, monkeypatch):
     return tmp_path
 
 
-def test_pipeline_builds_sample_and_listing_then_a_rerun_is_cached(prefect_server, tier_env):
+def test_pipeline_runs_every_stage_then_a_rerun_is_cached(prefect_server, tier_env):
     from flows.pipeline import pipeline
 
-    params = {"sample_train_per_class": 3, "sample_val_per_class": 1}
+    params = {"sample_train_per_class": 3, "sample_val_per_class": 1, "size": 32, "shard_images": 10}
     state = pipeline(**params, return_state=True)
     outputs = state.result()
     assert outputs["dataset"].startswith(str(tier_env / "bulk" / "sample"))
     assert outputs["listing"].startswith(str(tier_env / "fast" / "listing"))
+    assert outputs["resize"].startswith(str(tier_env / "fast" / "resize"))
     listing = open_stage(outputs["listing"]).manifest()
     assert listing["counts"] == {"train": 3 * 7 + 5, "val": 7}
     assert len(read_split(outputs["listing"], "train").paths) == 26
+    resized = open_stage(outputs["resize"]).manifest()
+    assert resized["counts"]["train"] == {"inputs": 26, "written": 24, "rejected": 2}
+    with h5py.File(Path(outputs["resize"]) / "train.h5") as f:
+        assert f["images"].shape == (24, 32, 32, 3)
     first = _task_states(state.state_details.flow_run_id)
-    assert first == {"build-sample-dataset": "Completed", "fingerprint-dataset": "Completed",
-                     "list-and-shuffle": "Completed"}
+    assert first == {"build-sample-dataset": ["Completed"], "fingerprint-dataset": ["Completed"],
+                     "list-and-shuffle": ["Completed"], "plan-resize": ["Completed"],
+                     "resize-shard": ["Completed"] * 4, "join-resize": ["Completed"]}  # 3 train + 1 val shard
     assert any((tier_env / "fast" / "prefect" / "results").iterdir())
     assert any((tier_env / "fast" / "prefect" / "cache-keys").iterdir())
 
     rerun = pipeline(**params, return_state=True)
     assert rerun.result() == outputs
     assert _task_states(rerun.state_details.flow_run_id) == {
-        "build-sample-dataset": "Cached", "fingerprint-dataset": "Completed", "list-and-shuffle": "Cached",
+        "build-sample-dataset": ["Cached"], "fingerprint-dataset": ["Completed"], "list-and-shuffle": ["Cached"],
+        "plan-resize": ["Completed"], "resize-shard": ["Cached"] * 4, "join-resize": ["Cached"],
     }
 
 
@@ -58,11 +78,11 @@ def test_pipeline_relists_a_user_folder_after_it_changes(prefect_server, tier_en
 
     root = tier_env / "imagenet"
     shutil.copytree(sample_root, root)
-    first = pipeline(source=str(root), seed=1)
-    assert set(first) == {"dataset", "listing"}
+    first = pipeline(source=str(root), seed=1, size=16)
+    assert set(first) == {"dataset", "listing", "resize"}
     wnid = sorted(p.name for p in (root / "train").iterdir())[0]
     shutil.copy(next((root / "train" / wnid).glob("*.JPEG")), root / "train" / wnid / "new.JPEG")
-    second = pipeline(source=str(root), seed=1)
+    second = pipeline(source=str(root), seed=1, size=16)
     assert second["listing"] != first["listing"]
     assert open_stage(second["listing"]).manifest()["counts"]["train"] == \
         open_stage(first["listing"]).manifest()["counts"]["train"] + 1
@@ -74,7 +94,7 @@ def test_stage_log_lines_reach_the_flow_run(prefect_server, tier_env):
 
     from flows.pipeline import pipeline
 
-    state = pipeline(sample_train_per_class=1, sample_val_per_class=1, seed=4, return_state=True)
+    state = pipeline(sample_train_per_class=1, sample_val_per_class=1, seed=4, size=16, return_state=True)
     flow_run_id = state.state_details.flow_run_id
 
     async def read():

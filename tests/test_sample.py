@@ -94,7 +94,7 @@ def test_sample_stage_killed_mid_build_is_redone_identically(tmp_path):
     )
     proc = subprocess.Popen([sys.executable, "-c", code, str(tiers.fast), str(tiers.bulk)], cwd=os.getcwd())
     deadline = time.monotonic() + 60
-    while time.monotonic() < deadline and len(list(stage.path.glob("train/*/*.JPEG"))) < 20:
+    while proc.poll() is None and time.monotonic() < deadline and len(list(stage.path.glob("train/*/*.JPEG"))) < 20:
         time.sleep(0.01)
     proc.send_signal(signal.SIGKILL)
     proc.wait()

@@ -66,6 +66,15 @@ def test_prepare_refuses_to_touch_a_finished_stage(tiers):
         stage.prepare(clean=True)
 
 
+def test_prepare_removes_temp_files_of_killed_writers_but_keeps_finished_files(tiers):
+    stage = stage_dir(tiers, "fast", "demo", {})
+    (stage.path / "shards").mkdir(parents=True)
+    (stage.path / "shards" / "a.h5").write_bytes(b"done")
+    (stage.path / "shards" / ".tmp-b.h5.x1y2").write_bytes(b"half")
+    stage.prepare()
+    assert [p.name for p in (stage.path / "shards").iterdir()] == ["a.h5"]
+
+
 def test_prepare_clean_removes_what_an_interrupted_run_left(tiers):
     stage = stage_dir(tiers, "fast", "demo", {})
     stage.prepare()

@@ -1,0 +1,175 @@
+"""HDF5 image stores: shard files written by one worker each, joined by a virtual dataset.
+
+A store holds ``images (N, S, S, 3) uint8``, ``labels (N,) int16``, ``index (N,) int64`` (the row
+of each image in the shuffled listing) and ``paths (N,)`` (relative to the dataset root), in the
+listing's order. Rejected inputs go to the ``rejects`` group (``paths``, ``reasons``, ``index``).
+
+Workers never share an open file: each shard is written under a temporary name and renamed when
+complete. The store joins the shards with an h5py virtual dataset: no copy, so the fast disk
+never needs room for the data twice (193 GB for ImageNet at S=224), and the join takes
+milliseconds. ``bench/hdf5_layout.py`` measures reads through the virtual dataset against one
+concatenated file (see docs/BENCHMARKS.md).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import h5py
+import numpy as np
+
+from storage.atomic import atomic_path
+
+STORE_FORMAT = 1
+# 16 images a chunk (2.4 MB at S=224): chosen by bench/hdf5_layout.py, see docs/BENCHMARKS.md
+DEFAULT_CHUNK_IMAGES = 16
+COMPRESSIONS = (None, "lzf", "gzip")
+_STR = h5py.string_dtype("utf-8")
+
+
+def _check_compression(compression: str | None) -> None:
+    if compression not in COMPRESSIONS:
+        raise ValueError(f"unknown HDF5 compression {compression!r}; choose one of {list(COMPRESSIONS)}")
+
+
+class ShardWriter:
+    """Append images to one shard file in whole chunks; the file appears under ``path`` on close.
+
+    ``with ShardWriter(path, size=224) as w: w.add(img, label, index, relpath) ... w.reject(...)``
+    """
+
+    def __init__(self, path: Path, *, size: int, chunk_images: int = DEFAULT_CHUNK_IMAGES,
+                 compression: str | None = None, attrs: Mapping[str, Any] | None = None):
+        _check_compression(compression)
+        self.path, self.size, self.chunk_images = Path(path), size, chunk_images
+        self.compression, self.attrs = compression, dict(attrs or {})
+        self._pending: list[np.ndarray] = []
+        self._labels: list[int] = []
+        self._index: list[int] = []
+        self._paths: list[str] = []
+        self._rejects: list[tuple[int, str, str]] = []
+        self._written = 0
+
+    def __enter__(self) -> ShardWriter:
+        self._tmp_ctx = atomic_path(self.path)
+        tmp = self._tmp_ctx.__enter__()
+        self._file = h5py.File(tmp, "w")
+        s = self.size
+        # a chunk cache that holds a whole chunk: with compression, the 1 MiB default turns
+        # chunked writes into ~6 img/s (measured; DESIGN.md 3.2)
+        self._images = self._file.create_dataset(
+            "images", shape=(0, s, s, 3), maxshape=(None, s, s, 3), dtype=np.uint8,
+            chunks=(self.chunk_images, s, s, 3), compression=self.compression,
+        )
+        return self
+
+    def add(self, image: np.ndarray, label: int, index: int, relpath: str) -> None:
+        if image.shape != (self.size, self.size, 3) or image.dtype != np.uint8:
+            raise ValueError(f"image for {relpath} is {image.shape} {image.dtype}; the store holds "
+                             f"({self.size}, {self.size}, 3) uint8")
+        self._pending.append(image)
+        self._labels.append(label)
+        self._index.append(index)
+        self._paths.append(relpath)
+        if len(self._pending) == self.chunk_images:
+            self._flush()
+
+    def reject(self, index: int, relpath: str, reason: str) -> None:
+        self._rejects.append((index, relpath, reason))
+
+    def _flush(self) -> None:
+        if not self._pending:
+            return
+        n = len(self._pending)
+        self._images.resize(self._written + n, axis=0)
+        self._images[self._written:self._written + n] = np.stack(self._pending)
+        self._written += n
+        self._pending.clear()
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        try:
+            if exc_type is None:
+                self._flush()
+                f = self._file
+                f.create_dataset("labels", data=np.asarray(self._labels, dtype=np.int16))
+                f.create_dataset("index", data=np.asarray(self._index, dtype=np.int64))
+                f.create_dataset("paths", data=self._paths, dtype=_STR)
+                rej = f.create_group("rejects")
+                rej.create_dataset("index", data=np.asarray([r[0] for r in self._rejects], dtype=np.int64))
+                rej.create_dataset("paths", data=[r[1] for r in self._rejects], dtype=_STR)
+                rej.create_dataset("reasons", data=[r[2] for r in self._rejects], dtype=_STR)
+                f.attrs.update({"format": STORE_FORMAT, "size": self.size, **self.attrs})
+        finally:
+            self._file.close()
+            self._tmp_ctx.__exit__(exc_type, exc, tb)
+
+    @property
+    def counts(self) -> tuple[int, int]:
+        """(images written so far, including pending; inputs rejected)."""
+        return self._written + len(self._pending), len(self._rejects)
+
+
+def read_shard_summary(path: Path) -> dict[str, Any]:
+    with h5py.File(path, "r") as f:
+        return {"written": int(f["images"].shape[0]), "rejected": int(f["rejects/index"].shape[0]),
+                **{k: _py(v) for k, v in f.attrs.items()}}
+
+
+def _py(value: Any) -> Any:
+    return value.item() if isinstance(value, np.generic) else value
+
+
+def join_shards(shards: Sequence[Path], out: Path, *, attrs: Mapping[str, Any] | None = None) -> dict[str, int]:
+    """Join shard files (in order) into one store at ``out`` (written atomically).
+
+    ``images``, ``labels`` and ``index`` are virtual datasets over the shards, referenced by
+    paths relative to ``out``'s folder so the stage directory can be moved as a whole; ``paths``
+    and the rejects are small and copied.
+    """
+    out = Path(out)
+    if not shards:
+        raise ValueError("no shards to join")
+    metas = []
+    for shard in shards:
+        with h5py.File(shard, "r") as f:
+            metas.append((Path(shard), f["images"].shape, f["paths"].asstr()[()].tolist(),
+                          {k: f[f"rejects/{k}"][()] for k in ("index", "paths", "reasons")}))
+    size = metas[0][1][1]
+    if any(m[1][1:] != (size, size, 3) for m in metas):
+        raise ValueError(f"shards disagree on image size: {sorted({m[1][1:] for m in metas})}")
+    n = sum(m[1][0] for m in metas)
+    layouts = {
+        "images": h5py.VirtualLayout(shape=(n, size, size, 3), dtype=np.uint8),
+        "labels": h5py.VirtualLayout(shape=(n,), dtype=np.int16),
+        "index": h5py.VirtualLayout(shape=(n,), dtype=np.int64),
+    }
+    offset = 0
+    for shard, shape, _, _ in metas:
+        rel = os.path.relpath(shard, out.parent)
+        k = shape[0]
+        if k:
+            for name, layout in layouts.items():
+                layout[offset:offset + k] = h5py.VirtualSource(rel, name, shape=(k, *layout.shape[1:]))
+        offset += k
+    rejects = {k: np.concatenate([m[3][k] for m in metas]) for k in ("index", "paths", "reasons")}
+    with atomic_path(out) as tmp, h5py.File(tmp, "w") as f:
+        for name, layout in layouts.items():
+            f.create_virtual_dataset(name, layout, fillvalue=0)
+        f.create_dataset("paths", data=[p for m in metas for p in m[2]], dtype=_STR)
+        rej = f.create_group("rejects")
+        rej.create_dataset("index", data=rejects["index"].astype(np.int64))
+        rej.create_dataset("paths", data=rejects["paths"], dtype=_STR)
+        rej.create_dataset("reasons", data=rejects["reasons"], dtype=_STR)
+        f.attrs.update({"format": STORE_FORMAT, "size": size, "shards": len(metas), **(attrs or {})})
+    return {"written": n, "rejected": int(rejects["index"].shape[0])}
+
+
+def open_store(path: Path | str, *, cache_bytes: int = 64 * 2**20) -> h5py.File:
+    """Open a store read-only. Open it in the process that reads it (h5py handles do not survive fork)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no HDF5 image store at {path}")
+    return h5py.File(path, "r", rdcc_nbytes=cache_bytes)

@@ -1,0 +1,174 @@
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+from PIL import Image
+
+from storage.tiers import Tiers
+from tasks.listing import fingerprint_dataset, listing_stage, read_split, run_listing
+from tasks.resize import Rejected, ResizeConfig, load_square, read_rejects, resize_stage, run_resize
+from tasks.sample import build_sample
+
+
+def _jpeg(path: Path, array: np.ndarray, quality: int = 95) -> Path:
+    Image.fromarray(array).save(path, format="JPEG", quality=quality)
+    return path
+
+
+def _bands(w: int, h: int) -> np.ndarray:
+    """Red | green | blue bands along the long side; the middle band is exactly the center square."""
+    img = np.zeros((h, w, 3), np.uint8)
+    long_side, short = max(w, h), min(w, h)
+    edge = (long_side - short) // 2
+    for lo, hi, channel in ((0, edge, 0), (edge, long_side - edge, 1), (long_side - edge, long_side, 2)):
+        if w >= h:
+            img[:, lo:hi, channel] = 255
+        else:
+            img[lo:hi, :, channel] = 255
+    return img
+
+
+@pytest.mark.parametrize("w,h", [(400, 200), (200, 400), (300, 300)])
+def test_shortest_side_then_center_crop_keeps_only_the_middle(tmp_path, w, h):
+    out = load_square(_jpeg(tmp_path / "b.jpg", _bands(w, h)), 32)
+    assert out.shape == (32, 32, 3) and out.dtype == np.uint8
+    inner = out[2:-2, 2:-2].reshape(-1, 3).astype(int)  # away from the crop edge's JPEG ringing
+    assert inner[:, 1].min() > 200 and inner[:, [0, 2]].max() < 60  # all green: no side bands, no black padding
+
+
+def test_draft_only_for_images_at_least_twice_the_target_and_close_to_full_decode(tmp_path):
+    rng = np.random.default_rng(0)
+    smooth = np.kron(rng.integers(0, 255, (30, 40, 3), dtype=np.uint8), np.ones((16, 16, 1), np.uint8))
+    big = _jpeg(tmp_path / "big.jpg", smooth)  # 640x480: short side 480 >= 2 x 224, so draft applies
+    with_draft = load_square(big, 224).astype(float)
+    without = load_square(big, 224, use_draft=False).astype(float)
+    assert not np.array_equal(with_draft, without)  # draft changed the decode path
+    psnr = 10 * np.log10(255**2 / np.mean((with_draft - without) ** 2))
+    assert psnr > 28, psnr
+    small = _jpeg(tmp_path / "small.jpg", smooth[:400, :400])  # 400 < 2 x 224: no draft
+    np.testing.assert_array_equal(load_square(small, 224), load_square(small, 224, use_draft=False))
+
+
+def test_convertible_bad_inputs_become_rgb(sample_root, planted):
+    for relpath, kind in planted.items():
+        if kind in ("cmyk", "grayscale", "png_named_jpeg"):
+            out = load_square(sample_root / relpath, 48)
+            assert out.shape == (48, 48, 3), kind
+    gray = next(p for p, k in planted.items() if k == "grayscale")
+    out = load_square(sample_root / gray, 48).astype(int)
+    assert np.array_equal(out[..., 0], out[..., 1]) and np.array_equal(out[..., 1], out[..., 2])
+
+
+@pytest.mark.parametrize("kind,reason", [("truncated", "truncated"), ("empty", r"empty file \(0 bytes\)")])
+def test_broken_inputs_are_rejected_with_the_reason(sample_root, planted, kind, reason):
+    path = next(p for p, k in planted.items() if k == kind)
+    with pytest.raises(Rejected, match=reason):
+        load_square(sample_root / path, 48)
+
+
+def test_text_named_jpeg_and_decompression_bombs_are_rejected(tmp_path):
+    (tmp_path / "notes.JPEG").write_text("not an image at all")
+    with pytest.raises(Rejected, match="not a readable image"):
+        load_square(tmp_path / "notes.JPEG", 32)
+    big = _jpeg(tmp_path / "big.jpg", np.zeros((300, 400, 3), np.uint8))
+    with pytest.raises(Rejected, match=r"too many pixels: 400x300 = 120,000 > max_pixels 100,000"):
+        load_square(big, 32, max_pixels=100_000)
+
+
+def test_bad_config_values_are_named():
+    with pytest.raises(ValueError, match="size must be between 8 and 4096 pixels, got 4"):
+        ResizeConfig(size=4)
+    with pytest.raises(ValueError, match=r"unknown HDF5 compression 'zstd'; choose one of \[None, 'lzf', 'gzip'\]"):
+        ResizeConfig(compression="zstd")
+
+
+def _listing(tiers, root, seed=0):
+    return run_listing(listing_stage(tiers, root=root, fingerprint=fingerprint_dataset(root), seed=seed),
+                       root=root, seed=seed)
+
+
+def test_store_follows_listing_order_and_inputs_equal_written_plus_rejected(sample_root, planted, tiers):
+    listing = _listing(tiers, sample_root)
+    config = ResizeConfig(size=40, shard_images=8)
+    stage = run_resize(resize_stage(tiers, listing_dir=listing.path, config=config),
+                       listing_dir=listing.path, config=config)
+    rejects = read_rejects(stage.path)
+    assert {r["path"] for r in rejects} == {p for p, k in planted.items() if k in ("truncated", "empty")}
+    for split in ("train", "val"):
+        rows = read_split(listing.path, split)
+        rejected = {int(r["index"]) for r in rejects if r["split"] == split}
+        with h5py.File(stage.path / f"{split}.h5") as f:
+            index = f["index"][()]
+            assert len(index) + len(rejected) == len(rows.paths)
+            assert sorted(set(index) | rejected) == list(range(len(rows.paths)))
+            assert list(index) == sorted(index)  # shuffled-listing order, rejects left out
+            assert f["paths"].asstr()[()].tolist() == [rows.paths[i] for i in index]
+            np.testing.assert_array_equal(f["labels"][()], rows.labels[index])
+            k = len(index) // 2
+            np.testing.assert_array_equal(f["images"][k], load_square(sample_root / rows.paths[index[k]], 40))
+            assert f.attrs["size"] == 40 and f.attrs["listing_key"] == listing.key
+            assert f.attrs["imaging_backend"] in ("pillow-simd", "pillow")
+    m = stage.manifest()
+    assert m["counts"]["train"]["inputs"] == m["counts"]["train"]["written"] + m["counts"]["train"]["rejected"]
+
+
+def test_store_survives_moving_the_stage_directory(sample_root, tiers, tmp_path):
+    listing = _listing(tiers, sample_root)
+    config = ResizeConfig(size=16, shard_images=10)
+    stage = run_resize(resize_stage(tiers, listing_dir=listing.path, config=config),
+                       listing_dir=listing.path, config=config)
+    with h5py.File(stage.path / "val.h5") as f:
+        before = f["images"][()]
+    moved = tmp_path / "elsewhere"
+    shutil.move(stage.path, moved)
+    with h5py.File(moved / "val.h5") as f:  # the virtual dataset names its shards by relative path
+        np.testing.assert_array_equal(f["images"][()], before)
+
+
+@pytest.mark.slow
+def test_kill_9_mid_stage_then_rerun_redoes_only_missing_shards_and_matches(tmp_path):
+    root = tmp_path / "ds"
+    build_sample(root, seed=2, train_per_class=30, val_per_class=0, plant_bad_inputs=False)
+    tiers = Tiers(fast=tmp_path / "fast", bulk=tmp_path / "bulk")
+    listing = _listing(tiers, root)
+    config = ResizeConfig(size=224, shard_images=12)
+    stage = resize_stage(tiers, listing_dir=listing.path, config=config)
+    code = (
+        "import sys\n"
+        "from storage.tiers import Tiers\n"
+        "from tasks.resize import ResizeConfig, resize_stage, run_resize\n"
+        "t = Tiers(fast=sys.argv[1], bulk=sys.argv[2])\n"
+        "c = ResizeConfig(size=224, shard_images=12)\n"
+        "run_resize(resize_stage(t, listing_dir=sys.argv[3], config=c), listing_dir=sys.argv[3], config=c, workers=1)\n"
+    )
+    proc = subprocess.Popen([sys.executable, "-c", code, str(tiers.fast), str(tiers.bulk), str(listing.path)],
+                            cwd=os.getcwd())
+    shards = stage.path / "shards"
+    deadline = time.monotonic() + 120
+    while proc.poll() is None and time.monotonic() < deadline and len(list(shards.glob("train-*.h5"))) < 3:
+        time.sleep(0.002)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    done = {p.name: p.stat().st_mtime_ns for p in shards.glob("train-*.h5")}
+    assert 3 <= len(done) < 18, "the kill should land mid-stage (210 images in 18 shards)"
+    assert not stage.is_complete and not (stage.path / "train.h5").exists()
+
+    run_resize(stage, listing_dir=listing.path, config=config)
+    assert stage.is_complete
+    assert {name: (shards / name).stat().st_mtime_ns for name in done} == done  # finished shards not redone
+    assert len(list(shards.glob("train-*.h5"))) == 18
+    assert not list(shards.glob(".tmp-*"))  # the killed writer's temporary file was cleared
+    fresh_tiers = Tiers(fast=tmp_path / "fast2", bulk=tmp_path / "bulk2")
+    fresh = run_resize(resize_stage(fresh_tiers, listing_dir=listing.path, config=config),
+                       listing_dir=listing.path, config=config)
+    with h5py.File(stage.path / "train.h5") as a, h5py.File(fresh.path / "train.h5") as b:
+        assert a["images"].shape == (210, 224, 224, 3)
+        assert a["images"][()].tobytes() == b["images"][()].tobytes()
+        np.testing.assert_array_equal(a["labels"][()], b["labels"][()])
