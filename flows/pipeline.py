@@ -25,12 +25,13 @@ from tasks.sample import SAMPLE_VERSION, build_sample_dataset
 
 
 @flow(name="resize-shards")
-def resize_shards(specs: list[ShardSpec], config: ResizeConfig, refresh: bool = False) -> list[dict[str, Any]]:
-    """Every shard of the resize stage; the caller picks the task runner (threads or Dask)."""
+def resize_shards(specs: list[ShardSpec], config: ResizeConfig, workers: int | None = None,
+                  refresh: bool = False) -> list[dict[str, Any]]:
+    """Every shard of the resize stage; the caller picks the task runner (processes or Dask)."""
     route_stage_logs()
     tiers = Tiers.from_env()
     shard = resize_shard_task.with_options(**stage_task_options(tiers, code_version=RESIZE_VERSION, refresh=refresh))
-    return shard.map(specs, unmapped(config)).result()
+    return shard.map(specs, unmapped(config), unmapped(workers)).result()
 
 
 @flow(name="imagesmith-pipeline")
@@ -64,7 +65,8 @@ def pipeline(
     )(source, fingerprint, seed, tiers)
 
     specs = plan_resize(listing, config, tiers)
-    results = resize_shards.with_options(task_runner=shard_runner(dask_address))(specs, config, refresh)
+    runner, workers = shard_runner(len(specs), dask_address)
+    results = resize_shards.with_options(task_runner=runner)(specs, config, workers, refresh)
     resized = join_resize.with_options(
         **stage_task_options(tiers, code_version=RESIZE_VERSION, **cached)
     )(listing, config, tiers, specs, results)

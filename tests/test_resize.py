@@ -146,7 +146,7 @@ def test_kill_9_mid_stage_then_rerun_redoes_only_missing_shards_and_matches(tmp_
         "from tasks.resize import ResizeConfig, resize_stage, run_resize\n"
         "t = Tiers(fast=sys.argv[1], bulk=sys.argv[2])\n"
         "c = ResizeConfig(size=224, shard_images=12)\n"
-        "run_resize(resize_stage(t, listing_dir=sys.argv[3], config=c), listing_dir=sys.argv[3], config=c, workers=1)\n"
+        "run_resize(resize_stage(t, listing_dir=sys.argv[3], config=c), listing_dir=sys.argv[3], config=c, cores=1)\n"
     )
     proc = subprocess.Popen([sys.executable, "-c", code, str(tiers.fast), str(tiers.bulk), str(listing.path)],
                             cwd=os.getcwd())
@@ -172,3 +172,27 @@ def test_kill_9_mid_stage_then_rerun_redoes_only_missing_shards_and_matches(tmp_
         assert a["images"].shape == (210, 224, 224, 3)
         assert a["images"][()].tobytes() == b["images"][()].tobytes()
         np.testing.assert_array_equal(a["labels"][()], b["labels"][()])
+
+
+def test_local_parallelism_uses_a_process_per_shard_and_threads_for_a_lone_shard():
+    from tasks.resize import local_parallelism
+
+    assert local_parallelism(10, cores=4) == (4, 1)
+    assert local_parallelism(3, cores=8) == (3, 1)
+    assert local_parallelism(1, cores=8) == (1, 8)
+    assert local_parallelism(10, cores=1) == (1, 1)
+
+
+@pytest.mark.slow
+def test_several_shards_run_in_separate_processes(sample_root, tiers):
+    from tasks.resize import plan_shards, resize_shards
+
+    listing = _listing(tiers, sample_root)
+    config = ResizeConfig(size=16, shard_images=10)
+    stage = resize_stage(tiers, listing_dir=listing.path, config=config)
+    stage.prepare()
+    specs = plan_shards(listing.path, sample_root, stage.path, "train", 10)
+    results = resize_shards(specs, config, cores=2)
+    workers = {r["worker"] for r in results}
+    assert len(workers) == 2 and not any(w.endswith(f":{os.getpid()}") for w in workers)
+    assert sum(r["written"] + r["rejected"] for r in results) == len(read_split(listing.path, "train").paths)

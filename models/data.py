@@ -1,0 +1,124 @@
+"""Training batches from an HDF5 image store: contiguous reads, shuffled chunks, uint8 to the GPU.
+
+The store is already in shuffled-listing order, so any contiguous block is a random mix of
+classes. Each epoch reshuffles the order of blocks and, within a buffer of blocks, the order of
+images: sequential disk reads, shuffled batches. Batches are uint8 NHWC; convert and normalise
+on the device (``to_float_nchw``), where NHWC -> NCHW by ``permute`` is channels_last for free.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from storage.hdf5 import DEFAULT_CHUNK_IMAGES, open_store
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+class ChunkShuffleStream(IterableDataset):
+    """Yields ``(images uint8 (B, S, S, 3), labels int64 (B,))`` batches from ``store``.
+
+    ``block_images`` rows are read per HDF5 read (default: one storage chunk); ``buffer_blocks``
+    blocks are shuffled together (default 16: 1,024 images, 150 MB per worker at S=224). ``subset`` in (0, 1] keeps the first fraction of the store (a
+    random subset, as the store is shuffled). Call ``set_epoch`` before each epoch; epochs with
+    the same ``seed`` and epoch number give the same batches.
+    """
+
+    def __init__(self, store: str | Path, batch_size: int, *, block_images: int | None = None,
+                 buffer_blocks: int = 16, subset: float = 1.0, seed: int = 0, shuffle: bool = True,
+                 drop_last: bool = False):
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if not 0 < subset <= 1:
+            raise ValueError(f"subset must be a fraction in (0, 1], got {subset}")
+        if buffer_blocks < 1:
+            raise ValueError(f"buffer_blocks must be >= 1, got {buffer_blocks}")
+        self.store, self.batch_size = str(store), batch_size
+        self.buffer_blocks, self.subset, self.seed = buffer_blocks, subset, seed
+        self.shuffle, self.drop_last, self.epoch = shuffle, drop_last, 0
+        with open_store(self.store) as f:  # read the shape, then close: no handle crosses a fork
+            images = f["images"]
+            self.n_total = images.shape[0]
+            self.image_shape = images.shape[1:]
+            # a joined store is a virtual dataset (no chunks of its own): its shards use the default
+            chunk = images.chunks[0] if images.chunks else DEFAULT_CHUNK_IMAGES
+        self.block_images = block_images or chunk
+        self.n = max(1, round(self.n_total * subset)) if self.n_total else 0
+        self._file = None
+        self._pid = None
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        """Batches per epoch (with several workers, each worker's last batch may be partial)."""
+        return self.n // self.batch_size if self.drop_last else math.ceil(self.n / self.batch_size)
+
+    def __getstate__(self) -> dict:
+        state = self.__dict__.copy()
+        state["_file"], state["_pid"] = None, None  # h5py handles are neither picklable nor fork-safe
+        return state
+
+    def _open(self):
+        if self._file is None or self._pid != os.getpid():
+            self._file = open_store(self.store)
+            self._pid = os.getpid()
+        return self._file
+
+    def _my_blocks(self) -> list[tuple[int, int]]:
+        blocks = [(a, min(a + self.block_images, self.n)) for a in range(0, self.n, self.block_images)]
+        order = np.random.default_rng([self.seed, self.epoch]).permutation(len(blocks)) if self.shuffle \
+            else np.arange(len(blocks))
+        info = get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info else (0, 1)
+        return [blocks[i] for i in order[worker::workers]]
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        f = self._open()
+        images, labels = f["images"], f["labels"]
+        info = get_worker_info()
+        rng = np.random.default_rng([self.seed, self.epoch, 1 + (info.id if info else 0)])
+        blocks = self._my_blocks()
+        carry_x = np.empty((0, *self.image_shape), np.uint8)
+        carry_y = np.empty((0,), np.int64)
+        for start in range(0, len(blocks), self.buffer_blocks):
+            group = blocks[start:start + self.buffer_blocks]
+            xs = [carry_x, *(images[a:b] for a, b in group)]  # contiguous reads
+            ys = [carry_y, *(labels[a:b].astype(np.int64) for a, b in group)]
+            x, y = np.concatenate(xs), np.concatenate(ys)
+            if self.shuffle:
+                perm = rng.permutation(len(x))
+                x, y = x[perm], y[perm]
+            full = len(x) // self.batch_size * self.batch_size
+            for i in range(0, full, self.batch_size):
+                yield torch.from_numpy(x[i:i + self.batch_size]), torch.from_numpy(y[i:i + self.batch_size])
+            carry_x, carry_y = x[full:], y[full:]
+        if len(carry_x) and not self.drop_last:
+            yield torch.from_numpy(carry_x), torch.from_numpy(carry_y)
+
+
+def make_loader(store: str | Path, batch_size: int, *, num_workers: int = 2, pin_memory: bool | None = None,
+                **stream_kwargs) -> DataLoader:
+    """A DataLoader over ``ChunkShuffleStream`` (batches are formed in the workers)."""
+    stream = ChunkShuffleStream(store, batch_size, **stream_kwargs)
+    if pin_memory is None:
+        pin_memory = torch.cuda.is_available()
+    return DataLoader(stream, batch_size=None, num_workers=num_workers, pin_memory=pin_memory,
+                      prefetch_factor=4 if num_workers else None)
+
+
+def to_float_nchw(images: torch.Tensor, device: torch.device | str, *, mean=IMAGENET_MEAN, std=IMAGENET_STD,
+                  dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """uint8 (B, H, W, C) -> normalised float (B, C, H, W) on ``device``, channels_last in memory."""
+    x = images.to(device, non_blocking=True).permute(0, 3, 1, 2).to(dtype).div_(255)
+    m = torch.tensor(mean, device=x.device, dtype=dtype).view(1, -1, 1, 1)
+    s = torch.tensor(std, device=x.device, dtype=dtype).view(1, -1, 1, 1)
+    return x.sub_(m).div_(s)
