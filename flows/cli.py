@@ -61,7 +61,8 @@ def _cmd_sample(args: argparse.Namespace) -> int:
 def _run_pipeline(args: argparse.Namespace) -> dict[str, str]:
     from flows.pipeline import pipeline
 
-    return pipeline(source=args.source, seed=args.seed, refresh=args.refresh)
+    return pipeline(source=args.source, seed=args.seed, size=args.size, dask_address=args.dask_address,
+                    refresh=args.refresh)
 
 
 def _print_outputs(outputs: dict[str, str]) -> None:
@@ -131,6 +132,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--source", help="ImageNet-layout folder (train/<wnid>/*.JPEG); default: the bundled sample")
         p.add_argument("--seed", type=int, default=0, help="shuffle seed")
         p.add_argument("--refresh", action="store_true", help="recompute cached stages")
+        p.add_argument("--size", type=int, default=224, help="square side of the HDF5 image stores")
+        p.add_argument("--dask-address", help="run resize shards on this Dask scheduler (tcp://host:8786)")
         if name == "demo":
             p.add_argument("--port", type=int, default=4200)
         p.set_defaults(func=func)

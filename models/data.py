@@ -9,6 +9,7 @@ on the device (``to_float_nchw``), where NHWC -> NCHW by ``permute`` is channels
 from __future__ import annotations
 
 import math
+import multiprocessing
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -43,7 +44,9 @@ class ChunkShuffleStream(IterableDataset):
             raise ValueError(f"buffer_blocks must be >= 1, got {buffer_blocks}")
         self.store, self.batch_size = str(store), batch_size
         self.buffer_blocks, self.subset, self.seed = buffer_blocks, subset, seed
-        self.shuffle, self.drop_last, self.epoch = shuffle, drop_last, 0
+        self.shuffle, self.drop_last = shuffle, drop_last
+        # in shared memory: persistent loader workers see set_epoch() without being restarted
+        self._epoch = torch.zeros((), dtype=torch.int64).share_memory_()
         with open_store(self.store) as f:  # read the shape, then close: no handle crosses a fork
             images = f["images"]
             self.n_total = images.shape[0]
@@ -55,8 +58,12 @@ class ChunkShuffleStream(IterableDataset):
         self._file = None
         self._pid = None
 
+    @property
+    def epoch(self) -> int:
+        return int(self._epoch)
+
     def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
+        self._epoch.fill_(epoch)
 
     def __len__(self) -> int:
         """Batches per epoch (with several workers, each worker's last batch may be partial)."""
@@ -107,12 +114,23 @@ class ChunkShuffleStream(IterableDataset):
 
 def make_loader(store: str | Path, batch_size: int, *, num_workers: int = 2, pin_memory: bool | None = None,
                 **stream_kwargs) -> DataLoader:
-    """A DataLoader over ``ChunkShuffleStream`` (batches are formed in the workers)."""
+    """A DataLoader over ``ChunkShuffleStream`` (batches are formed in the workers).
+
+    Workers start from a fork server, not by forking this process: inside a Prefect flow the
+    process runs threads (log shipping, the event loop), and a fork copies their locks mid-use
+    (seen here as workers dying at shutdown). They persist across epochs, so the start-up
+    (~1-2 s: each imports torch) is paid once; ``loader.dataset.set_epoch(e)`` reaches them.
+    """
     stream = ChunkShuffleStream(store, batch_size, **stream_kwargs)
     if pin_memory is None:
         pin_memory = torch.cuda.is_available()
-    return DataLoader(stream, batch_size=None, num_workers=num_workers, pin_memory=pin_memory,
-                      prefetch_factor=4 if num_workers else None)
+    workers = {}
+    if num_workers:
+        ctx = multiprocessing.get_context("forkserver")
+        # the fork server imports torch/h5py once; workers fork from it warm (no effect once it runs)
+        ctx.set_forkserver_preload(["models.data"])
+        workers = {"prefetch_factor": 4, "persistent_workers": True, "multiprocessing_context": ctx}
+    return DataLoader(stream, batch_size=None, num_workers=num_workers, pin_memory=pin_memory, **workers)
 
 
 def to_float_nchw(images: torch.Tensor, device: torch.device | str, *, mean=IMAGENET_MEAN, std=IMAGENET_STD,

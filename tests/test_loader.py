@@ -41,6 +41,16 @@ def test_every_image_once_per_epoch_with_its_label(store, num_workers):
     assert x.dtype == torch.uint8 and x.shape[1:] == (S, S, 3) and y.dtype == torch.int64
 
 
+def test_persistent_workers_follow_set_epoch(store):
+    loader = make_loader(store, 16, num_workers=2, block_images=8, buffer_blocks=2)
+    epoch0 = _rows(loader)
+    loader.dataset.set_epoch(1)
+    epoch1 = _rows(loader)
+    loader.dataset.set_epoch(0)
+    assert sorted(epoch1) == list(range(N)) and epoch1 != epoch0
+    assert _rows(loader) == epoch0  # same seed and epoch: same batches, in the same workers
+
+
 def test_order_is_shuffled_reproducible_per_epoch_and_new_each_epoch(store):
     stream = ChunkShuffleStream(store, 10, block_images=8, buffer_blocks=3, seed=1)
     first = _rows(stream)
