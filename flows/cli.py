@@ -95,14 +95,14 @@ def _cmd_server(args: argparse.Namespace) -> int:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    from prefect.settings import PREFECT_API_URL, temporary_settings
-
     from flows.server import start_server
 
     url, started = start_server(port=args.port)
     print(f"prefect server {'started' if started else 'already running'} at {url}")
-    with temporary_settings(updates={PREFECT_API_URL: url}):
-        outputs = _run_pipeline(args)
+    # in the environment, not only in this process's settings: shard tasks run in child processes
+    # that must report to the same server (otherwise each starts a server-less one of its own)
+    os.environ["PREFECT_API_URL"] = url
+    outputs = _run_pipeline(args)
     _print_outputs(outputs)
     print(f"\nPrefect UI: {url.removesuffix('/api')}  (flow runs, task runs, logs and artifacts)")
     print("stop the server with: make stop-server")
@@ -131,7 +131,9 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=text)
         p.add_argument("--source", help="ImageNet-layout folder (train/<wnid>/*.JPEG); default: the bundled sample")
         p.add_argument("--seed", type=int, default=0, help="shuffle seed")
-        p.add_argument("--refresh", action="store_true", help="recompute cached stages")
+        p.add_argument("--refresh", action="store_true",
+                       help="rerun cached tasks; a stage whose directory still has its manifest is not "
+                            "recomputed (delete that directory to force it)")
         p.add_argument("--size", type=int, default=224, help="square side of the HDF5 image stores")
         p.add_argument("--dask-address", help="run resize shards on this Dask scheduler (tcp://host:8786)")
         if name == "demo":

@@ -49,8 +49,8 @@ def pipeline(
     """Run every stage on ``source`` (an ImageNet-layout folder) or, when None, on the bundled sample.
 
     Returns ``{stage: directory}``. ``seed`` drives the shuffle, ``size`` the square side of the
-    HDF5 stores; ``dask_address`` sends the resize shards to a Dask cluster; ``refresh``
-    recomputes cached stages.
+    HDF5 stores; ``dask_address`` sends the resize shards to a Dask cluster; ``refresh`` reruns
+    cached tasks (stages whose manifest still exists are not recomputed).
     """
     route_stage_logs()
     tiers = Tiers.from_env()
