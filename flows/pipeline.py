@@ -10,6 +10,7 @@ from flows.logs import route_stage_logs
 from flows.runners import shard_runner
 from storage.tiers import Tiers
 from tasks.caching import stage_task_options
+from tasks.embeddings import DEFAULT_MAX_WORDS, EMBED_VERSION, build_word_table, prepare_word_vectors, prepare_wordnet
 from tasks.listing import LISTING_VERSION, fingerprint_dataset_task, list_and_shuffle
 from tasks.resize import (
     DEFAULT_SHARD_IMAGES,
@@ -41,6 +42,9 @@ def pipeline(
     size: int = DEFAULT_SIZE,
     shard_images: int = DEFAULT_SHARD_IMAGES,
     dask_address: str | None = None,
+    words: bool = True,
+    word_vectors: str | None = None,
+    max_words: int = DEFAULT_MAX_WORDS,
     sample_seed: int = 0,
     sample_train_per_class: int = 40,
     sample_val_per_class: int = 10,
@@ -49,8 +53,10 @@ def pipeline(
     """Run every stage on ``source`` (an ImageNet-layout folder) or, when None, on the bundled sample.
 
     Returns ``{stage: directory}``. ``seed`` drives the shuffle, ``size`` the square side of the
-    HDF5 stores; ``dask_address`` sends the resize shards to a Dask cluster; ``refresh`` reruns
-    cached tasks (stages whose manifest still exists are not recomputed).
+    HDF5 stores; ``dask_address`` sends the resize shards to a Dask cluster. ``words`` builds the
+    word-vector table for WordNet nouns and ImageNet classes from ``word_vectors`` (a Google News
+    word2vec or fastText file) or, when None, the bundled GloVe 6B 50-d. ``refresh`` reruns cached
+    tasks (stages whose manifest still exists are not recomputed).
     """
     route_stage_logs()
     tiers = Tiers.from_env()
@@ -70,4 +76,11 @@ def pipeline(
     resized = join_resize.with_options(
         **stage_task_options(tiers, code_version=RESIZE_VERSION, **cached)
     )(listing, config, tiers, specs, results)
-    return {"dataset": source, "listing": listing, "resize": resized}
+    outputs = {"dataset": source, "listing": listing, "resize": resized}
+    if words:
+        vectors = prepare_word_vectors(tiers, word_vectors)
+        wordnet = prepare_wordnet(tiers)
+        outputs["words"] = build_word_table.with_options(
+            **stage_task_options(tiers, code_version=EMBED_VERSION, **cached)
+        )(tiers, vectors, wordnet, max_words)
+    return outputs

@@ -10,8 +10,8 @@ PYTHON=${PYTHON:-python3}
 PILLOW_SIMD_VERSION=12.1.1.post0
 # the metadata-only "pillow" distribution that stands for pillow-simd (see make_pillow_shim.py)
 PILLOW_SHIM_VERSION=12.1.1+simd
-# libjpeg-turbo/zlib/png/freetype headers for the pillow-simd build
-APT_PACKAGES="libjpeg62-turbo-dev zlib1g-dev libpng-dev libfreetype-dev"
+# libjpeg-turbo/zlib/png/freetype headers for the pillow-simd build; the WordNet 3.0 database
+APT_PACKAGES="libjpeg62-turbo-dev zlib1g-dev libpng-dev libfreetype-dev wordnet-base wordnet-sense-index"
 
 log() { printf '[bootstrap] %s\n' "$*" >&2; }
 
@@ -33,7 +33,8 @@ install_debian_packages() {
         apt-get update -qq
         DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
     else
-        log "WARNING: Debian packages missing (${missing[*]}) and not root: the pillow-simd build may fail"
+        log "WARNING: Debian packages missing (${missing[*]}) and not root: the pillow-simd build may fail,"
+        log "         and the word-vector stage needs WordNet (/usr/share/wordnet, package wordnet-base)"
     fi
 }
 

@@ -41,3 +41,27 @@ def prefect_server():
 
     with prefect_test_harness(server_startup_timeout=None):
         yield
+
+
+@pytest.fixture(scope="session")
+def word_tiers(tmp_path_factory):
+    """Tiers holding the real word table: WordNet 3.0 (Debian) + the bundled GloVe 6B 50-d. ~30 s, once."""
+    from tasks.embeddings import DEFAULT_MAX_WORDS, embedding_stage, glove_stage, run_embeddings, run_glove
+    from tasks.wordnet import run_wordnet, wordnet_source, wordnet_stage
+
+    root = tmp_path_factory.mktemp("words")
+    tiers = Tiers(fast=root / "fast", bulk=root / "bulk")
+    source = wordnet_source()
+    wordnet = run_wordnet(wordnet_stage(tiers, source), source)
+    glove = run_glove(glove_stage(tiers))
+    kwargs = {"vectors": glove.path, "wordnet": wordnet.path, "max_words": DEFAULT_MAX_WORDS}
+    run_embeddings(embedding_stage(tiers, **kwargs), **kwargs)
+    return tiers
+
+
+@pytest.fixture(scope="session")
+def word_table(word_tiers):
+    from tasks.embeddings import WordTable
+
+    (stage,) = (word_tiers.fast / "embeddings").iterdir()
+    return WordTable(stage)

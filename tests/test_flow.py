@@ -45,7 +45,7 @@ def tier_env(tmp_path, monkeypatch):
 def test_pipeline_runs_every_stage_then_a_rerun_is_cached(prefect_server, tier_env):
     from flows.pipeline import pipeline
 
-    params = {"sample_train_per_class": 3, "sample_val_per_class": 1, "size": 32, "shard_images": 10}
+    params = {"sample_train_per_class": 3, "sample_val_per_class": 1, "size": 32, "shard_images": 10, "words": False}
     state = pipeline(**params, return_state=True)
     outputs = state.result()
     assert outputs["dataset"].startswith(str(tier_env / "bulk" / "sample"))
@@ -78,11 +78,11 @@ def test_pipeline_relists_a_user_folder_after_it_changes(prefect_server, tier_en
 
     root = tier_env / "imagenet"
     shutil.copytree(sample_root, root)
-    first = pipeline(source=str(root), seed=1, size=16)
+    first = pipeline(source=str(root), seed=1, size=16, words=False)
     assert set(first) == {"dataset", "listing", "resize"}
     wnid = sorted(p.name for p in (root / "train").iterdir())[0]
     shutil.copy(next((root / "train" / wnid).glob("*.JPEG")), root / "train" / wnid / "new.JPEG")
-    second = pipeline(source=str(root), seed=1, size=16)
+    second = pipeline(source=str(root), seed=1, size=16, words=False)
     assert second["listing"] != first["listing"]
     assert open_stage(second["listing"]).manifest()["counts"]["train"] == \
         open_stage(first["listing"]).manifest()["counts"]["train"] + 1
@@ -94,7 +94,8 @@ def test_stage_log_lines_reach_the_flow_run(prefect_server, tier_env):
 
     from flows.pipeline import pipeline
 
-    state = pipeline(sample_train_per_class=1, sample_val_per_class=1, seed=4, size=16, return_state=True)
+    state = pipeline(sample_train_per_class=1, sample_val_per_class=1, seed=4, size=16, words=False,
+                     return_state=True)
     flow_run_id = state.state_details.flow_run_id
 
     async def read():
@@ -109,3 +110,23 @@ def test_stage_log_lines_reach_the_flow_run(prefect_server, tier_env):
         __import__("time").sleep(0.5)
     assert any(name == "tasks.listing" and "listing:" in msg for name, msg in logs), logs
     assert any(name == "tasks.sample" and "train + " in msg for name, msg in logs), logs
+
+
+def test_pipeline_word_stage_publishes_the_match_counts(prefect_server, word_tiers, monkeypatch):
+    from prefect.client.orchestration import get_client
+
+    from flows.pipeline import pipeline
+
+    monkeypatch.setenv("IMAGESMITH_FAST_DIR", str(word_tiers.fast))
+    monkeypatch.setenv("IMAGESMITH_BULK_DIR", str(word_tiers.bulk))
+    outputs = pipeline(sample_train_per_class=1, sample_val_per_class=0, size=16)
+    assert open_stage(outputs["words"]).manifest()["report"]["imagenet_1k"]["total"] == 1000
+
+    async def artifact():
+        async with get_client() as client:
+            return await client.read_latest_artifacts()
+
+    latest = {a.key: a for a in asyncio.run(artifact())}
+    assert "word-table-matches" in latest
+    rows = __import__("json").loads(latest["word-table-matches"].data)
+    assert {r["scope"] for r in rows} == {"imagenet_1k", "wordnet_nouns"}
