@@ -62,7 +62,7 @@ def _run_pipeline(args: argparse.Namespace) -> dict[str, str]:
     from flows.pipeline import pipeline
 
     return pipeline(source=args.source, seed=args.seed, size=args.size, dask_address=args.dask_address,
-                    refresh=args.refresh)
+                    word_vectors=args.word_vectors, refresh=args.refresh)
 
 
 def _print_outputs(outputs: dict[str, str]) -> None:
@@ -77,6 +77,33 @@ def _print_outputs(outputs: dict[str, str]) -> None:
 
 def _cmd_run(args: argparse.Namespace) -> int:
     _print_outputs(_run_pipeline(args))
+    return 0
+
+
+def _latest_stage(stage: str, tier: str = "fast") -> Path:
+    """The most recently finished directory of ``stage`` on ``tier``."""
+    from storage.stage import MANIFEST_NAME
+    from storage.tiers import Tiers
+
+    root = Tiers.from_env().root(tier) / stage
+    done = sorted(root.glob(f"*/{MANIFEST_NAME}"), key=lambda p: p.stat().st_mtime)
+    if not done:
+        raise SystemExit(f"error: no finished {stage!r} stage under {root}; run `imagesmith run` first")
+    return done[-1].parent
+
+
+def _cmd_words(args: argparse.Namespace) -> int:
+    from tasks.embeddings import WordTable
+
+    table = WordTable(args.table or _latest_stage("embeddings"))
+    try:
+        hits = table.nearest_words(table.vector_for(args.text), k=args.k, vocabulary=args.vocabulary)
+    except KeyError as e:
+        print(f"error: {e.args[0]}", file=sys.stderr)
+        return 2
+    print(f"nearest {args.vocabulary} synsets to {args.text!r} ({table.manifest['vectors_file']}):")
+    for wnid, words, score in hits:
+        print(f"  {wnid}  {score:.3f}  {words}")
     return 0
 
 
@@ -136,9 +163,18 @@ def build_parser() -> argparse.ArgumentParser:
                             "recomputed (delete that directory to force it)")
         p.add_argument("--size", type=int, default=224, help="square side of the HDF5 image stores")
         p.add_argument("--dask-address", help="run resize shards on this Dask scheduler (tcp://host:8786)")
+        p.add_argument("--word-vectors", help="GoogleNews-vectors-negative300.bin or a fastText .bin/.vec "
+                                              "(default: the bundled GloVe 6B 50-d)")
         if name == "demo":
             p.add_argument("--port", type=int, default=4200)
         p.set_defaults(func=func)
+
+    p = sub.add_parser("words", help="nearest ImageNet classes or WordNet nouns to a text, by word vectors")
+    p.add_argument("text")
+    p.add_argument("-k", type=int, default=5)
+    p.add_argument("--vocabulary", choices=["imagenet", "wordnet"], default="imagenet")
+    p.add_argument("--table", help="an embeddings stage directory (default: the newest on the fast tier)")
+    p.set_defaults(func=_cmd_words)
 
     p = sub.add_parser("server", help="manage the local Prefect server (127.0.0.1, PREFECT_HOME=.prefect)")
     p.add_argument("action", choices=["start", "stop", "status"])

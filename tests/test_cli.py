@@ -87,3 +87,11 @@ def test_server_command_starts_a_local_server_and_stops_it(tmp_path, monkeypatch
         time.sleep(0.2)
     assert not is_healthy(api_url(port=port))
     assert os.environ["PREFECT_HOME"] == str(tmp_path / "home")
+
+
+def test_words_command_prints_nearest_classes(word_table, capsys):
+    assert main(["words", "golden retriever", "-k", "3", "--table", str(word_table.path)]) == 0
+    out = capsys.readouterr().out
+    assert "n02099601" in out and "golden retriever" in out
+    assert main(["words", "qzxv wqpl", "--table", str(word_table.path)]) == 2
+    assert "no word of 'qzxv wqpl'" in capsys.readouterr().err
