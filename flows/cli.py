@@ -71,8 +71,8 @@ def _print_outputs(outputs: dict[str, str]) -> None:
     print("\nartifacts:")
     for stage, path in outputs.items():
         manifest = open_stage(path).manifest()
-        counts = manifest.get("counts", "")
-        print(f"  {stage:<8} {path}  {counts}")
+        summary = manifest.get("counts") or manifest.get("report", "")
+        print(f"  {stage:<8} {path}  {summary}")
 
 
 def _cmd_run(args: argparse.Namespace) -> int:

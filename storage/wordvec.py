@@ -74,6 +74,9 @@ def write_glove_word2vec(out: Path) -> Path:
         raise ValueError(f"GloVe package is inconsistent: {len(words)} words but {len(vectors)} vectors")
     kv = KeyedVectors(vector_size=vectors.shape[1])
     kv.add_vectors(words, vectors.astype(np.float32))
+    # GloVe lists words most frequent first; word2vec writers sort by a "count" attribute
+    kv.allocate_vecattrs(attrs=["count"], types=[np.int64])
+    kv.expandos["count"][:] = np.arange(len(words), 0, -1)
     with atomic_path(out) as tmp:
         kv.save_word2vec_format(str(tmp), binary=True)
     return out
