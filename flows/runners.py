@@ -6,7 +6,7 @@ import os
 
 from prefect.task_runners import ProcessPoolTaskRunner, TaskRunner, ThreadPoolTaskRunner
 
-from tasks.resize import local_parallelism
+from tasks.shards import local_parallelism
 
 DASK_ENV = "IMAGESMITH_DASK_ADDRESS"
 
@@ -17,7 +17,7 @@ def shard_runner(n_shards: int, dask_address: str | None = None) -> tuple[TaskRu
     With a Dask scheduler address (argument or ``IMAGESMITH_DASK_ADDRESS``, e.g.
     ``tcp://10.0.0.5:8786``) each shard runs on a cluster worker with that worker's cores; the
     workers must see the same dataset and tier paths (a shared filesystem). Locally, a process per
-    shard (see tasks/resize.py for the measurement), or one shard at a time with threads.
+    shard (see tasks/shards.py for the measurement), or one shard at a time with threads.
     """
     address = dask_address or os.environ.get(DASK_ENV)
     if address:

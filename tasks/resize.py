@@ -5,9 +5,8 @@ Three ways to go faster (lesson 9, 2017), all used here:
 - Less decode work: JPEG ``draft()`` decodes at 1/2, 1/4 or 1/8 scale in the DCT domain when the
   image is at least 2x the target, and ``resize(box=...)`` crops and resizes in one pass.
 - All cores: one process per shard, each decoding inline and writing its own file, so no pixel
-  crosses a pipe and no GIL is shared (measured 1.79x on 2 cores, vs 1.35x for two threads in
-  one shard, whose Python-level decode loop and HDF5 writes hold the GIL). A lone shard falls
-  back to a thread pool over its images.
+  crosses a pipe and no GIL is shared (tasks/shards.py). A lone shard falls back to a thread pool
+  over its images.
 One Prefect task per shard of thousands of images, never per image (~40 ms of CPU a task run).
 
 Never pads with black borders: a center crop keeps the object at the same scale for every image.
@@ -24,8 +23,7 @@ import socket
 import time
 import warnings
 from collections.abc import Iterator, Sequence
-import multiprocessing
-from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor
+from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -39,6 +37,7 @@ from storage.stage import StageDir, open_stage, stage_dir
 from storage.tiers import Tiers
 from tasks.imaging import imaging_backend
 from tasks.listing import read_split
+from tasks.shards import map_shards
 
 log = logging.getLogger(__name__)
 
@@ -194,29 +193,10 @@ def resize_shard(spec: ShardSpec, config: ResizeConfig, *, workers: int | None =
             "worker": f"{socket.gethostname()}:{os.getpid()}"}
 
 
-def local_parallelism(n_shards: int, cores: int | None = None) -> tuple[int, int]:
-    """(shard processes, decode threads per shard) for running ``n_shards`` on this machine."""
-    cores = cores or os.cpu_count() or 1
-    if n_shards >= 2 and cores >= 2:
-        return min(cores, n_shards), 1
-    return 1, cores
-
-
 def resize_shards(specs: Sequence[ShardSpec], config: ResizeConfig, *, cores: int | None = None,
                   pool: Executor | None = None) -> list[dict]:
-    """Every shard on this machine: a process per shard when there are several, else threads.
-
-    ``pool``: a process pool to reuse (its start-up, ~2 s per process, is then paid once).
-    """
-    processes, threads = local_parallelism(len(specs), cores)
-    if processes == 1:
-        return [resize_shard(spec, config, workers=threads) for spec in specs]
-    run = functools.partial(resize_shard, config=config, workers=1)
-    if pool is not None:
-        return list(pool.map(run, specs))
-    # spawn, not fork: the parent may hold threads (Prefect's) and h5py state that a fork would copy
-    with ProcessPoolExecutor(max_workers=processes, mp_context=multiprocessing.get_context("spawn")) as own:
-        return list(own.map(run, specs))
+    """Every shard on this machine (a process per shard, see tasks/shards.py)."""
+    return map_shards(resize_shard, specs, cores=cores, pool=pool, config=config)
 
 
 def resize_stage(tiers: Tiers, *, listing_dir: str | Path, config: ResizeConfig) -> StageDir:

@@ -138,3 +138,13 @@ def test_lookup_errors_name_the_bad_value(word_table):
         word_table.nearest_words(np.zeros(50), vocabulary="all")
     with pytest.raises(ValueError, match="query vectors have 3 dims; this table has 50"):
         word_table.nearest_words(np.ones(3))
+
+
+def test_imagenet_lists_come_from_the_files_timm_ships():
+    from tasks.wordnet import imagenet_lemmas
+
+    assert len(imagenet_wnids("21k")) == 21843 and imagenet_wnids("1k")[0] == "n01440764"  # tench
+    lemmas = imagenet_lemmas()
+    assert lemmas["n02123045"] == "tabby, tabby cat" and len(lemmas) >= 21843
+    with pytest.raises(ValueError, match=r"unknown ImageNet class list '22k'; choose one of \['1k', '21k'\]"):
+        imagenet_wnids("22k")

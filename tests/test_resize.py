@@ -175,7 +175,7 @@ def test_kill_9_mid_stage_then_rerun_redoes_only_missing_shards_and_matches(tmp_
 
 
 def test_local_parallelism_uses_a_process_per_shard_and_threads_for_a_lone_shard():
-    from tasks.resize import local_parallelism
+    from tasks.shards import local_parallelism
 
     assert local_parallelism(10, cores=4) == (4, 1)
     assert local_parallelism(3, cores=8) == (3, 1)

@@ -1,0 +1,98 @@
+import h5py
+import numpy as np
+import pytest
+
+from tasks.crappify import CRAPPIFIERS, CrappifyConfig, JpegText, crappify_stage, image_rng, make_crappifier, run_crappify
+from tasks.listing import fingerprint_dataset, listing_stage, run_listing
+from tasks.resize import ResizeConfig, resize_stage, run_resize
+
+
+@pytest.fixture(scope="module")
+def photo():
+    """A real photo square from the bundled sample sources (the cat), 256 x 256."""
+    from PIL import Image
+
+    from tasks.sample import SAMPLE_PHOTOS, photo_path
+
+    with Image.open(photo_path(SAMPLE_PHOTOS[0])) as im:
+        return np.asarray(im.convert("RGB").resize((256, 256)))
+
+
+@pytest.mark.parametrize("name", sorted(CRAPPIFIERS))
+def test_each_crappifier_is_deterministic_per_image_and_downscales(photo, name):
+    crap = make_crappifier(name, 96)
+    a, b = crap(photo, image_rng(0, 5)), crap(photo, image_rng(0, 5))
+    assert a.shape == (96, 96, 3) and a.dtype == np.uint8
+    np.testing.assert_array_equal(a, b)
+    if name not in ("grayscale", "downscale"):  # these two draw nothing at random
+        assert not np.array_equal(a, crap(photo, image_rng(0, 6)))
+
+
+def test_default_draws_its_quality_in_white_in_the_top_left_quarter():
+    black = np.zeros((256, 256, 3), np.uint8)
+    corners = set()
+    for index in range(20):
+        out = JpegText()(black, image_rng(3, index)).astype(int).sum(axis=2)
+        bright = np.argwhere(out > 300)
+        assert len(bright) > 5, "the number is drawn"
+        # drawn from a point of the top-left 48 x 48 quarter: a two-digit number reaches < 16 px further
+        assert (bright.max(axis=0) < 48 + 16).all()
+        corners.add(tuple(bright.min(axis=0)))
+    assert len(corners) > 10  # a random point each time
+
+
+def test_grayscale_has_no_colour_and_downscale_has_no_text(photo):
+    g = make_crappifier("grayscale")(photo, image_rng(0, 0))
+    assert np.array_equal(g[..., 0], g[..., 1]) and np.array_equal(g[..., 1], g[..., 2])
+    black = np.zeros((256, 256, 3), np.uint8)
+    assert make_crappifier("downscale")(black, image_rng(0, 0)).max() < 10
+
+
+def test_bad_choices_name_the_accepted_ones():
+    with pytest.raises(ValueError, match=r"unknown crappifier 'blur'; choose one of \['cutout', 'downscale', "):
+        CrappifyConfig(crappifier="blur")
+    with pytest.raises(ValueError, match="crappified size must be between 8 and 1024 pixels, got 4"):
+        CrappifyConfig(size=4)
+
+
+def _resized(sample_root, tiers, size=64):
+    listing = run_listing(listing_stage(tiers, root=sample_root, fingerprint=fingerprint_dataset(sample_root), seed=0),
+                          root=sample_root, seed=0)
+    config = ResizeConfig(size=size, shard_images=10)
+    return run_resize(resize_stage(tiers, listing_dir=listing.path, config=config), listing_dir=listing.path,
+                      config=config)
+
+
+def test_crappified_store_is_aligned_with_its_source(sample_root, tiers):
+    resized = _resized(sample_root, tiers)
+    config = CrappifyConfig(size=24, shard_images=8)
+    stage = run_crappify(crappify_stage(tiers, resize_dir=resized.path, config=config), resize_dir=resized.path,
+                         config=config)
+    for split in ("train", "val"):
+        with h5py.File(stage.path / f"{split}.h5") as low, h5py.File(resized.path / f"{split}.h5") as high:
+            assert low["images"].shape == (high["images"].shape[0], 24, 24, 3)
+            for name in ("labels", "index"):
+                np.testing.assert_array_equal(low[name][()], high[name][()])
+            assert low["paths"].asstr()[()].tolist() == high["paths"].asstr()[()].tolist()
+            k = 3
+            expected = make_crappifier("jpeg_text", 24)(high["images"][k], image_rng(0, int(high["index"][k])))
+            np.testing.assert_array_equal(low["images"][k], expected)
+            assert low.attrs["crappifier"] == "jpeg_text"
+    assert stage.manifest()["counts"]["val"] == 14
+
+
+def test_interrupted_crappify_redoes_only_missing_shards_identically(sample_root, tiers, tmp_path):
+    resized = _resized(sample_root, tiers)
+    config = CrappifyConfig(crappifier="noise", size=16, shard_images=8)
+    stage = crappify_stage(tiers, resize_dir=resized.path, config=config)
+    run_crappify(stage, resize_dir=resized.path, config=config, cores=1)
+    reference = {s: h5py.File(stage.path / f"{s}.h5")["images"][()] for s in ("train", "val")}
+    # simulate a crash after some shards: no manifest, no joined stores, two shards lost
+    stage.manifest_path.unlink()
+    for p in [*stage.path.glob("*.h5"), *sorted((stage.path / "shards").glob("train-*.h5"))[1:3]]:
+        p.unlink()
+    kept = {p.name: p.stat().st_mtime_ns for p in (stage.path / "shards").glob("*.h5")}
+    run_crappify(stage, resize_dir=resized.path, config=config, cores=1)
+    assert {p: (stage.path / "shards" / p).stat().st_mtime_ns for p in kept} == kept
+    for s in ("train", "val"):
+        np.testing.assert_array_equal(h5py.File(stage.path / f"{s}.h5")["images"][()], reference[s])
