@@ -62,7 +62,7 @@ def _run_pipeline(args: argparse.Namespace) -> dict[str, str]:
     from flows.pipeline import pipeline
 
     return pipeline(source=args.source, seed=args.seed, size=args.size, dask_address=args.dask_address,
-                    word_vectors=args.word_vectors, refresh=args.refresh)
+                    crappifier=args.crappifier, word_vectors=args.word_vectors, refresh=args.refresh)
 
 
 def _print_outputs(outputs: dict[str, str]) -> None:
@@ -163,6 +163,10 @@ def build_parser() -> argparse.ArgumentParser:
                             "recomputed (delete that directory to force it)")
         p.add_argument("--size", type=int, default=224, help="square side of the HDF5 image stores")
         p.add_argument("--dask-address", help="run resize shards on this Dask scheduler (tcp://host:8786)")
+        p.add_argument("--crappifier", default="jpeg_text" if name == "demo" else None,
+                       choices=["jpeg_text", "downscale", "grayscale", "noise", "cutout"],
+                       help="add the aligned low-quality store (stage 4) made by this crappifier"
+                            + (" (default: jpeg_text, the lesson's)" if name == "demo" else ""))
         p.add_argument("--word-vectors", help="GoogleNews-vectors-negative300.bin or a fastText .bin/.vec "
                                               "(default: the bundled GloVe 6B 50-d)")
         if name == "demo":

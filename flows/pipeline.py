@@ -4,12 +4,13 @@ from __future__ import annotations
 
 from typing import Any
 
-from prefect import flow, unmapped
+from prefect import Task, flow, unmapped
 
 from flows.logs import route_stage_logs
 from flows.runners import shard_runner
 from storage.tiers import Tiers
 from tasks.caching import stage_task_options
+from tasks.crappify import CRAPPIFY_VERSION, CrappifyConfig, crappify_shard_task, join_crappify, plan_crappify_task
 from tasks.embeddings import DEFAULT_MAX_WORDS, EMBED_VERSION, build_word_table, prepare_word_vectors, prepare_wordnet
 from tasks.listing import LISTING_VERSION, fingerprint_dataset_task, list_and_shuffle
 from tasks.resize import (
@@ -25,14 +26,26 @@ from tasks.resize import (
 from tasks.sample import SAMPLE_VERSION, build_sample_dataset
 
 
-@flow(name="resize-shards")
-def resize_shards(specs: list[ShardSpec], config: ResizeConfig, workers: int | None = None,
+def run_shard_tasks(name: str, shard_task: Task, specs: list, config: Any, *, code_version: int,
+                    dask_address: str | None, refresh: bool) -> list[dict[str, Any]]:
+    """Every shard task of a stage in a subflow ``name`` on the right runner (processes or Dask)."""
+    runner, workers = shard_runner(len(specs), dask_address)
+
+    @flow(name=name, task_runner=runner)
+    def shards(specs: list, config: Any, workers: int | None) -> list[dict[str, Any]]:
+        route_stage_logs()
+        cached = shard_task.with_options(
+            **stage_task_options(Tiers.from_env(), code_version=code_version, refresh=refresh))
+        return cached.map(specs, unmapped(config), unmapped(workers)).result()
+
+    return shards(specs, config, workers)
+
+
+def resize_shards(specs: list[ShardSpec], config: ResizeConfig, *, dask_address: str | None = None,
                   refresh: bool = False) -> list[dict[str, Any]]:
-    """Every shard of the resize stage; the caller picks the task runner (processes or Dask)."""
-    route_stage_logs()
-    tiers = Tiers.from_env()
-    shard = resize_shard_task.with_options(**stage_task_options(tiers, code_version=RESIZE_VERSION, refresh=refresh))
-    return shard.map(specs, unmapped(config), unmapped(workers)).result()
+    """Every shard of the resize stage, in the ``resize-shards`` subflow."""
+    return run_shard_tasks("resize-shards", resize_shard_task, specs, config, code_version=RESIZE_VERSION,
+                           dask_address=dask_address, refresh=refresh)
 
 
 @flow(name="imagesmith-pipeline")
@@ -42,6 +55,8 @@ def pipeline(
     size: int = DEFAULT_SIZE,
     shard_images: int = DEFAULT_SHARD_IMAGES,
     dask_address: str | None = None,
+    crappifier: str | None = None,
+    crappify_size: int = 96,
     words: bool = True,
     word_vectors: str | None = None,
     max_words: int = DEFAULT_MAX_WORDS,
@@ -53,7 +68,8 @@ def pipeline(
     """Run every stage on ``source`` (an ImageNet-layout folder) or, when None, on the bundled sample.
 
     Returns ``{stage: directory}``. ``seed`` drives the shuffle, ``size`` the square side of the
-    HDF5 stores; ``dask_address`` sends the resize shards to a Dask cluster. ``words`` builds the
+    HDF5 stores; ``dask_address`` sends the shard tasks to a Dask cluster. ``crappifier`` (e.g.
+    ``jpeg_text``, the lesson's) adds the aligned low-quality store at ``crappify_size``. ``words`` builds the
     word-vector table for WordNet nouns and ImageNet classes from ``word_vectors`` (a Google News
     word2vec or fastText file) or, when None, the bundled GloVe 6B 50-d. ``refresh`` reruns cached
     tasks (stages whose manifest still exists are not recomputed).
@@ -71,12 +87,19 @@ def pipeline(
     )(source, fingerprint, seed, tiers)
 
     specs = plan_resize(listing, config, tiers)
-    runner, workers = shard_runner(len(specs), dask_address)
-    results = resize_shards.with_options(task_runner=runner)(specs, config, workers, refresh)
+    results = resize_shards(specs, config, dask_address=dask_address, refresh=refresh)
     resized = join_resize.with_options(
         **stage_task_options(tiers, code_version=RESIZE_VERSION, **cached)
     )(listing, config, tiers, specs, results)
     outputs = {"dataset": source, "listing": listing, "resize": resized}
+    if crappifier:
+        crap_config = CrappifyConfig(crappifier=crappifier, size=crappify_size, seed=seed)
+        crap_specs = plan_crappify_task(resized, crap_config, tiers)
+        crap_results = run_shard_tasks("crappify-shards", crappify_shard_task, crap_specs, crap_config,
+                                       code_version=CRAPPIFY_VERSION, dask_address=dask_address, refresh=refresh)
+        outputs["crappify"] = join_crappify.with_options(
+            **stage_task_options(tiers, code_version=CRAPPIFY_VERSION, **cached)
+        )(resized, crap_config, tiers, crap_specs, crap_results)
     if words:
         vectors = prepare_word_vectors(tiers, word_vectors)
         wordnet = prepare_wordnet(tiers)

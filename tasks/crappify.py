@@ -234,3 +234,31 @@ def run_crappify(stage: StageDir, *, resize_dir: Path | str, config: CrappifyCon
     specs = plan_crappify(resize_dir, stage.path, config.shard_images)
     map_shards(crappify_shard, specs, cores=cores, config=config)
     return join_crappified(stage, specs, config)
+
+
+# --- Prefect layer --------------------------------------------------------------------------
+from prefect import task  # noqa: E402  (the plain functions above do not need Prefect)
+from prefect.artifacts import create_table_artifact  # noqa: E402
+
+
+@task(name="plan-crappify")
+def plan_crappify_task(resize_dir: str, config: CrappifyConfig, tiers: Tiers) -> list[CrappifyShard]:
+    stage = crappify_stage(tiers, resize_dir=resize_dir, config=config)
+    if not stage.is_complete:
+        stage.prepare()
+    return plan_crappify(resize_dir, stage.path, config.shard_images)
+
+
+@task(name="crappify-shard", retries=2, retry_delay_seconds=5)
+def crappify_shard_task(spec: CrappifyShard, config: CrappifyConfig, workers: int | None = None) -> dict[str, Any]:
+    return crappify_shard(spec, config, workers=workers)
+
+
+@task(name="join-crappify")
+def join_crappify(resize_dir: str, config: CrappifyConfig, tiers: Tiers, specs: list[CrappifyShard],
+                  shard_results: list[dict[str, Any]]) -> str:
+    stage = join_crappified(crappify_stage(tiers, resize_dir=resize_dir, config=config), specs, config)
+    m = stage.manifest()
+    create_table_artifact(key="crappify-counts", table=[{"split": s, "pairs": n} for s, n in m["counts"].items()],
+                          description=f"`{config.crappifier}` at {config.size} px, seed {config.seed}: `{stage.path}`")
+    return str(stage.path)

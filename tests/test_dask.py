@@ -15,7 +15,6 @@ def test_resize_shards_run_on_dask_workers_and_match_a_local_run(prefect_server,
     from distributed import LocalCluster
 
     from flows.pipeline import resize_shards
-    from flows.runners import shard_runner
 
     listing = run_listing(listing_stage(tiers, root=sample_root, fingerprint=fingerprint_dataset(sample_root),
                                         seed=0), root=sample_root, seed=0)
@@ -24,8 +23,7 @@ def test_resize_shards_run_on_dask_workers_and_match_a_local_run(prefect_server,
     stage.prepare()
     specs = [s for split in ("train", "val") for s in plan_shards(listing.path, sample_root, stage.path, split, 6)]
     with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as cluster:
-        runner, workers = shard_runner(len(specs), cluster.scheduler_address)
-        results = resize_shards.with_options(task_runner=runner)(specs, config, workers)
+        results = resize_shards(specs, config, dask_address=cluster.scheduler_address)
     workers = {r["worker"] for r in results}
     assert len(results) == len(specs) == 9  # 33 train in 6 shards + 14 val in 3
     assert len(workers) == 2 and all(not w.endswith(f":{os.getpid()}") for w in workers)

@@ -26,7 +26,7 @@ def _task_states(flow_run_id):
             runs = await client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=ids)))
             states: dict[str, list[str]] = {}
             for run in runs:
-                if run.name.startswith("resize-shards"):  # the subflow's placeholder task run
+                if run.name.startswith(("resize-shards", "crappify-shards")):  # subflows' placeholder task runs
                     continue
                 # task run names are "<task name>-<suffix>"
                 states.setdefault(run.name.rsplit("-", 1)[0], []).append(run.state.name)
@@ -45,7 +45,8 @@ def tier_env(tmp_path, monkeypatch):
 def test_pipeline_runs_every_stage_then_a_rerun_is_cached(prefect_server, tier_env):
     from flows.pipeline import pipeline
 
-    params = {"sample_train_per_class": 3, "sample_val_per_class": 1, "size": 32, "shard_images": 10, "words": False}
+    params = {"sample_train_per_class": 3, "sample_val_per_class": 1, "size": 32, "shard_images": 10, "words": False,
+              "crappifier": "jpeg_text", "crappify_size": 16}
     state = pipeline(**params, return_state=True)
     outputs = state.result()
     assert outputs["dataset"].startswith(str(tier_env / "bulk" / "sample"))
@@ -58,10 +59,14 @@ def test_pipeline_runs_every_stage_then_a_rerun_is_cached(prefect_server, tier_e
     assert resized["counts"]["train"] == {"inputs": 26, "written": 24, "rejected": 2}
     with h5py.File(Path(outputs["resize"]) / "train.h5") as f:
         assert f["images"].shape == (24, 32, 32, 3)
+    with h5py.File(Path(outputs["crappify"]) / "train.h5") as f:
+        assert f["images"].shape == (24, 16, 16, 3)
     first = _task_states(state.state_details.flow_run_id)
     assert first == {"build-sample-dataset": ["Completed"], "fingerprint-dataset": ["Completed"],
                      "list-and-shuffle": ["Completed"], "plan-resize": ["Completed"],
-                     "resize-shard": ["Completed"] * 4, "join-resize": ["Completed"]}  # 3 train + 1 val shard
+                     "resize-shard": ["Completed"] * 4, "join-resize": ["Completed"],  # 3 train + 1 val shard
+                     "plan-crappify": ["Completed"], "crappify-shard": ["Completed"] * 2,  # train + val
+                     "join-crappify": ["Completed"]}
     assert any((tier_env / "fast" / "prefect" / "results").iterdir())
     assert any((tier_env / "fast" / "prefect" / "cache-keys").iterdir())
 
@@ -70,6 +75,7 @@ def test_pipeline_runs_every_stage_then_a_rerun_is_cached(prefect_server, tier_e
     assert _task_states(rerun.state_details.flow_run_id) == {
         "build-sample-dataset": ["Cached"], "fingerprint-dataset": ["Completed"], "list-and-shuffle": ["Cached"],
         "plan-resize": ["Completed"], "resize-shard": ["Cached"] * 4, "join-resize": ["Cached"],
+        "plan-crappify": ["Completed"], "crappify-shard": ["Cached"] * 2, "join-crappify": ["Cached"],
     }
 
 
