@@ -1,0 +1,114 @@
+"""Training phases (lesson 13, 2018 "TrainingPhase"): a schedule is a list of phases.
+
+Each phase has a length in epochs, a learning rate that is constant or anneals from a start to an
+end value (LINEAR, COSINE, EXPONENTIAL or POLYNOMIAL), optionally a momentum (constant or
+annealed the same way), and optionally an image size and batch size, so a phase can switch the
+data (progressive resizing). 1cycle and SGDR are just lists of phases.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+DECAYS = ("constant", "linear", "cosine", "exponential", "polynomial")
+
+
+def anneal(start: float, end: float, pct: float, decay: str, power: float = 2.0) -> float:
+    """The value ``pct`` (0..1) of the way from ``start`` to ``end``."""
+    if decay == "constant":
+        return start
+    if decay == "linear":
+        return start + (end - start) * pct
+    if decay == "cosine":
+        return end + (start - end) * (1 + math.cos(math.pi * pct)) / 2
+    if decay == "exponential":
+        return start * (end / start) ** pct
+    if decay == "polynomial":
+        return end + (start - end) * (1 - pct) ** power
+    raise ValueError(f"unknown decay {decay!r}; choose one of {list(DECAYS)}")
+
+
+@dataclass(frozen=True)
+class Phase:
+    epochs: int
+    lr: float | tuple[float, float]
+    decay: str = "cosine"
+    momentum: float | tuple[float, float] | None = None
+    power: float = 2.0
+    image_size: int | None = None
+    batch_size: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.epochs < 1:
+            raise ValueError(f"a phase lasts at least 1 epoch, got {self.epochs}")
+        if self.decay not in DECAYS:
+            raise ValueError(f"unknown decay {self.decay!r}; choose one of {list(DECAYS)}")
+        if self.decay == "exponential" and isinstance(self.lr, tuple) and min(self.lr) <= 0:
+            raise ValueError(f"exponential decay needs positive learning rates, got {self.lr}")
+
+    def lr_at(self, pct: float) -> float:
+        start, end = self.lr if isinstance(self.lr, tuple) else (self.lr, self.lr)
+        return anneal(start, end, pct, self.decay if start != end else "constant", self.power)
+
+    def momentum_at(self, pct: float) -> float | None:
+        if self.momentum is None:
+            return None
+        start, end = self.momentum if isinstance(self.momentum, tuple) else (self.momentum, self.momentum)
+        return anneal(start, end, pct, self.decay if start != end else "constant", self.power)
+
+
+class PhaseSchedule:
+    """Step -> (phase index, lr, momentum) for a list of phases and a number of steps per epoch."""
+
+    def __init__(self, phases: Sequence[Phase], steps_per_epoch: int):
+        if not phases:
+            raise ValueError("a schedule needs at least one phase")
+        if steps_per_epoch < 1:
+            raise ValueError(f"steps_per_epoch must be >= 1, got {steps_per_epoch}")
+        self.phases, self.steps_per_epoch = list(phases), steps_per_epoch
+        self.epoch_starts = [0]
+        for p in self.phases:
+            self.epoch_starts.append(self.epoch_starts[-1] + p.epochs)
+
+    @property
+    def epochs(self) -> int:
+        return self.epoch_starts[-1]
+
+    @property
+    def total_steps(self) -> int:
+        return self.epochs * self.steps_per_epoch
+
+    def phase_of_epoch(self, epoch: int) -> int:
+        for i in range(len(self.phases)):
+            if epoch < self.epoch_starts[i + 1]:
+                return i
+        raise IndexError(f"epoch {epoch} is past the schedule's {self.epochs} epochs")
+
+    def at(self, step: int) -> tuple[int, float, float | None]:
+        i = self.phase_of_epoch(step // self.steps_per_epoch)
+        first = self.epoch_starts[i] * self.steps_per_epoch
+        length = self.phases[i].epochs * self.steps_per_epoch
+        pct = (step - first) / max(length - 1, 1)
+        return i, self.phases[i].lr_at(pct), self.phases[i].momentum_at(pct)
+
+
+def one_cycle(epochs: int, max_lr: float, *, pct_start: float = 0.3, div: float = 25.0, final_div: float = 1e4,
+              moms: tuple[float, float] = (0.95, 0.85), **data) -> list[Phase]:
+    """1cycle (Smith): warm up to ``max_lr`` while momentum falls, then cosine down while it rises.
+
+    With whole-epoch phases the warm-up is ``round(epochs * pct_start)`` epochs (at least 1).
+    """
+    if epochs < 2:
+        raise ValueError(f"1cycle needs at least 2 epochs (warm-up and annealing), got {epochs}")
+    up = min(max(1, round(epochs * pct_start)), epochs - 1)
+    return [
+        Phase(up, (max_lr / div, max_lr), "cosine", momentum=moms, **data),
+        Phase(epochs - up, (max_lr, max_lr / final_div), "cosine", momentum=(moms[1], moms[0]), **data),
+    ]
+
+
+def sgdr(cycles: int, cycle_len: int, lr_max: float, *, cycle_mult: int = 2, lr_min: float = 0.0, **data) -> list[Phase]:
+    """SGDR (Loshchilov & Hutter): cosine restarts, each cycle ``cycle_mult`` times longer."""
+    return [Phase(cycle_len * cycle_mult**i, (lr_max, lr_min), "cosine", **data) for i in range(cycles)]

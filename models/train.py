@@ -1,0 +1,206 @@
+"""The one training loop every trainer shares: phases, checkpoints, exact resume.
+
+``train(...)`` runs a ``PhaseSchedule`` (models/schedule.py) over the batches a caller provides
+per epoch, sets each parameter group's learning rate (times its ``lr_scale``: discriminative
+learning rates) and momentum every step, logs every loss term, and checkpoints
+``{model, optimizer, step, epoch, RNG states, partial epoch sums, history, config}`` atomically
+at the end of each epoch and every ``checkpoint_every`` steps. Resuming restores all of it and
+skips the batches of the interrupted epoch already taken, so an interrupted run ends with the
+same weights as an uninterrupted one (deterministic settings on CPU).
+
+On CUDA: bf16 autocast and channels_last. On CPU (tests): plain float32.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import sys
+import time
+from collections import defaultdict
+from collections.abc import Callable, Iterable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from models.schedule import Phase, PhaseSchedule
+from storage.atomic import atomic_path
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT = "last.pt"
+Batches = Callable[[int, Phase], Iterable[tuple[torch.Tensor, torch.Tensor]]]
+LossFn = Callable[[torch.Tensor, torch.Tensor], "torch.Tensor | dict[str, torch.Tensor]"]
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    checkpoint_dir: Path
+    checkpoint_every: int = 0  # steps; 0: only at the end of each epoch
+    seed: int = 0
+    device: str = "cuda" if torch.cuda.is_available() else "cpu"
+    bf16: bool = True  # autocast on CUDA only
+    channels_last: bool = True  # CUDA only
+    grad_clip: float | None = None
+    progress: bool = sys.stderr.isatty()
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def _rng_state() -> dict[str, Any]:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_checkpoint(path: Path, **state: Any) -> None:
+    """Written under a temporary name and renamed: a crash leaves the previous checkpoint whole."""
+    with atomic_path(path) as tmp:
+        torch.save(state, tmp)
+
+
+def load_checkpoint(path: Path) -> dict[str, Any]:
+    # our own files, holding Python/NumPy RNG states that weights_only loading refuses
+    return torch.load(path, map_location="cpu", weights_only=False)
+
+
+def _set_hyperparameters(optimizer: torch.optim.Optimizer, lr: float, momentum: float | None) -> None:
+    for group in optimizer.param_groups:
+        group["lr"] = lr * group.get("lr_scale", 1.0)
+        if momentum is not None:
+            if "betas" in group:
+                group["betas"] = (momentum, group["betas"][1])
+            elif "momentum" in group:
+                group["momentum"] = momentum
+
+
+def _terms(out: torch.Tensor | dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    terms = out if isinstance(out, dict) else {"loss": out}
+    if "loss" not in terms:
+        raise ValueError(f"the loss function returned terms {sorted(terms)}; one must be named 'loss'")
+    return terms
+
+
+def train(model: nn.Module, optimizer: torch.optim.Optimizer, schedule: PhaseSchedule, batches: Batches,
+          loss_fn: LossFn, config: TrainConfig, *, evaluate: Callable[[nn.Module], dict[str, float]] | None = None,
+          on_epoch: Callable[[dict[str, Any]], None] | None = None, resume: bool = True,
+          stop_after_steps: int | None = None) -> list[dict[str, Any]]:
+    """Train to the end of ``schedule`` (or resume to it); returns one record per epoch.
+
+    ``batches(epoch, phase)`` must give the same batches for the same epoch (e.g. a loader whose
+    order comes from ``set_epoch``): exact resume relies on it. ``stop_after_steps`` stops early
+    (after checkpointing), for runs split across jobs.
+    """
+    device = torch.device(config.device)
+    cuda = device.type == "cuda"
+    model.to(device)
+    if cuda and config.channels_last:
+        model.to(memory_format=torch.channels_last)
+    ckpt = Path(config.checkpoint_dir) / CHECKPOINT
+    step, history, sums, seen = 0, [], defaultdict(float), 0
+    if resume and ckpt.is_file():
+        state = load_checkpoint(ckpt)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        step, history = state["step"], state["history"]
+        sums, seen = defaultdict(float, state["epoch_sums"]), state["epoch_seen"]
+        _set_rng_state(state["rng"])
+        log.info("resumed from %s at step %d (epoch %d)", ckpt, step, step // schedule.steps_per_epoch)
+    else:
+        seed_everything(config.seed)
+
+    def checkpoint() -> None:
+        save_checkpoint(ckpt, model=model.state_dict(), optimizer=optimizer.state_dict(), step=step,
+                        epoch=step // schedule.steps_per_epoch, rng=_rng_state(), epoch_sums=dict(sums),
+                        epoch_seen=seen, history=history, config={**asdict(config), "checkpoint_dir": str(ckpt.parent)})
+
+    spe = schedule.steps_per_epoch
+    for epoch in range(step // spe, schedule.epochs):
+        phase_index = schedule.phase_of_epoch(epoch)
+        phase = schedule.phases[phase_index]
+        skip = step - epoch * spe  # batches of this epoch taken before an interruption
+        model.train()
+        start = time.perf_counter()
+        taken = 0
+        for i, (x, y) in enumerate(batches(epoch, phase)):
+            if i >= spe:
+                break
+            if i < skip:
+                continue
+            _, lr, momentum = schedule.at(step)
+            _set_hyperparameters(optimizer, lr, momentum)
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            if cuda and config.channels_last and x.dim() == 4:
+                x = x.contiguous(memory_format=torch.channels_last)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda and config.bf16):
+                terms = _terms(loss_fn(model(x), y))
+            optimizer.zero_grad(set_to_none=True)
+            terms["loss"].backward()
+            if config.grad_clip:
+                nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+            optimizer.step()
+            step += 1
+            taken += 1
+            seen += len(x)
+            for name, value in terms.items():
+                sums[name] += float(value.detach()) * len(x)
+            if config.progress and i % 10 == 0:
+                print(f"\repoch {epoch + 1}/{schedule.epochs} step {i + 1}/{spe} loss {float(terms['loss']):.4f}",
+                      end="", file=sys.stderr)
+            if config.checkpoint_every and step % config.checkpoint_every == 0 and step % spe:
+                checkpoint()
+            if stop_after_steps is not None and step >= stop_after_steps and step % spe:
+                checkpoint()
+                return history
+        if skip + taken < spe:
+            raise ValueError(f"epoch {epoch} gave {skip + taken} batches; the schedule expects {spe} per epoch")
+        record = {"epoch": epoch, "phase": phase_index, "lr": lr, "step": step,
+                  **{name: total / max(seen, 1) for name, total in sums.items()},
+                  "seconds": round(time.perf_counter() - start, 3)}
+        if evaluate is not None:
+            model.eval()
+            with torch.no_grad():
+                record.update({f"valid_{k}": v for k, v in evaluate(model).items()})
+        history.append(record)
+        sums, seen = defaultdict(float), 0
+        checkpoint()
+        if config.progress:
+            print(file=sys.stderr)
+        log.info("epoch %d/%d: %s", epoch + 1, schedule.epochs,
+                 {k: round(v, 5) if isinstance(v, float) else v for k, v in record.items()})
+        if on_epoch is not None:
+            on_epoch(record)
+        if stop_after_steps is not None and step >= stop_after_steps:
+            return history
+    return history
+
+
+def freeze(module: nn.Module, frozen: bool = True) -> None:
+    """Stop (or restart) training a part of a model, e.g. a pretrained encoder; BN layers included."""
+    for p in module.parameters():
+        p.requires_grad_(not frozen)
+
+
+def param_groups(*groups: tuple[nn.Module, float]) -> list[dict[str, Any]]:
+    """Optimizer groups with learning-rate multipliers (discriminative learning rates).
+
+    ``param_groups((encoder, 1e-2), (decoder, 1.0))``: the encoder trains at 1/100 of the schedule's lr.
+    """
+    return [{"params": [p for p in m.parameters()], "lr_scale": scale} for m, scale in groups]

@@ -1,0 +1,119 @@
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from models.schedule import Phase, PhaseSchedule, anneal, one_cycle, sgdr
+from models.train import CHECKPOINT, TrainConfig, load_checkpoint, param_groups, train
+
+SPE = 5  # steps per epoch
+
+
+@pytest.mark.parametrize("decay", ["linear", "cosine", "exponential", "polynomial"])
+def test_annealing_goes_from_start_to_end(decay):
+    assert anneal(1.0, 0.01, 0.0, decay) == pytest.approx(1.0)
+    assert anneal(1.0, 0.01, 1.0, decay) == pytest.approx(0.01)
+    assert 0.01 < anneal(1.0, 0.01, 0.5, decay) < 1.0
+    assert anneal(1.0, 0.5, 0.5, "cosine") == pytest.approx(0.75)
+
+
+def test_one_cycle_warms_up_then_anneals_with_momentum_mirrored():
+    schedule = PhaseSchedule(one_cycle(10, 1e-2), steps_per_epoch=10)
+    lrs = [schedule.at(s)[1] for s in range(schedule.total_steps)]
+    moms = [schedule.at(s)[2] for s in range(schedule.total_steps)]
+    peak = lrs.index(max(lrs))
+    assert max(lrs) == pytest.approx(1e-2) and peak == 29  # 3 warm-up epochs of 10 steps
+    assert lrs[0] == pytest.approx(1e-2 / 25) and lrs[-1] == pytest.approx(1e-6)
+    assert moms[peak] == pytest.approx(0.85) and moms[0] == pytest.approx(0.95) and moms[-1] == pytest.approx(0.95)
+
+
+def test_sgdr_restarts_with_growing_cycles_and_bad_values_are_named():
+    phases = sgdr(3, 1, 0.1, cycle_mult=2)
+    assert [p.epochs for p in phases] == [1, 2, 4]
+    schedule = PhaseSchedule(phases, steps_per_epoch=4)
+    assert schedule.at(4)[1] == pytest.approx(0.1)  # restart at the second cycle
+    with pytest.raises(ValueError, match=r"unknown decay 'step'; choose one of \['constant', 'linear'"):
+        Phase(1, (0.1, 0.01), "step")
+    with pytest.raises(ValueError, match="1cycle needs at least 2 epochs"):
+        one_cycle(1, 0.1)
+
+
+class Tiny(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.Dropout(0.3))
+        self.head = nn.Linear(4, 2)
+
+    def forward(self, x):
+        return self.head(self.body(x).mean(dim=(2, 3)))
+
+
+def _data():
+    g = torch.Generator().manual_seed(0)
+    return torch.randn(40, 3, 8, 8, generator=g), torch.randint(0, 2, (40,), generator=g)
+
+
+def _batches(x, y):
+    def batches(epoch, phase):
+        order = torch.randperm(len(x), generator=torch.Generator().manual_seed(100 + epoch))  # order = f(epoch)
+        size = phase.batch_size or 8
+        for i in range(0, len(x), size):
+            yield x[order[i:i + size]], y[order[i:i + size]]
+    return batches
+
+
+def _run(tmp_path, loss_fn=None, **kwargs):
+    torch.manual_seed(1)
+    model = Tiny()
+    opt = torch.optim.SGD(param_groups((model.body, 0.1), (model.head, 1.0)), lr=0.1, momentum=0.9)
+    schedule = PhaseSchedule([Phase(1, 0.05, momentum=0.9), Phase(2, (0.05, 0.001), "cosine")], SPE)
+    config = TrainConfig(checkpoint_dir=tmp_path, checkpoint_every=3, device="cpu", progress=False)
+    history = train(model, opt, schedule, _batches(*_data()), loss_fn or nn.functional.cross_entropy, config, **kwargs)
+    return model, opt, history
+
+
+def test_a_crash_between_checkpoints_then_resume_gives_identical_weights(tmp_path):
+    straight, _, history = _run(tmp_path / "a")
+    calls = {"n": 0}
+
+    def crashing_loss(out, y):
+        calls["n"] += 1
+        if calls["n"] == 8:  # step 8: the last checkpoint was at step 6 (every 3 steps), mid-epoch 2
+            raise RuntimeError("simulated crash")
+        return nn.functional.cross_entropy(out, y)
+
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        _run(tmp_path / "b", crashing_loss)
+    assert load_checkpoint(tmp_path / "b" / CHECKPOINT)["step"] == 6
+    resumed, _, resumed_history = _run(tmp_path / "b")  # new model, new optimizer: everything from the file
+    for a, b in zip(straight.state_dict().values(), resumed.state_dict().values()):
+        assert torch.equal(a, b)
+    assert [h["epoch"] for h in resumed_history] == [0, 1, 2]
+    assert resumed_history[1]["loss"] == pytest.approx(history[1]["loss"], rel=1e-6)  # partial sums survived
+
+
+def test_discriminative_learning_rates_and_every_loss_term_are_logged(tmp_path):
+    def loss_terms(out, y):
+        ce = nn.functional.cross_entropy(out, y)
+        reg = out.pow(2).mean() * 1e-3
+        return {"loss": ce + reg, "cross_entropy": ce, "l2": reg}
+
+    _, opt, history = _run(tmp_path, loss_terms)
+    body, head = opt.param_groups
+    assert body["lr"] == pytest.approx(0.1 * head["lr"]) and head["lr"] == pytest.approx(0.001)
+    assert {"loss", "cross_entropy", "l2", "lr", "phase"} <= set(history[-1])
+    assert [h["phase"] for h in history] == [0, 1, 1]
+    assert history[0]["loss"] == pytest.approx(history[0]["cross_entropy"] + history[0]["l2"], rel=1e-5)
+    assert not math.isnan(history[-1]["loss"])
+
+
+def test_finished_run_resumes_to_nothing_and_short_epochs_are_an_error(tmp_path):
+    _run(tmp_path)
+    _, _, history = _run(tmp_path)  # everything is in the checkpoint already
+    assert len(history) == 3
+    model = Tiny()
+    with pytest.raises(ValueError, match="epoch 0 gave 2 batches; the schedule expects 5 per epoch"):
+        train(model, torch.optim.SGD(model.parameters(), lr=0.1), PhaseSchedule([Phase(1, 0.1)], 5),
+              lambda epoch, phase: iter([(torch.randn(2, 3, 8, 8), torch.zeros(2, dtype=torch.long))] * 2),
+              nn.functional.cross_entropy, TrainConfig(checkpoint_dir=tmp_path / "x", device="cpu", progress=False))
