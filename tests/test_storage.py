@@ -86,10 +86,10 @@ def test_prepare_clean_removes_what_an_interrupted_run_left(tiers):
 def test_failed_atomic_write_keeps_the_old_file_and_no_temp(tmp_path):
     target = tmp_path / "table.json"
     atomic_write_json(target, {"v": 1})
-    with pytest.raises(ZeroDivisionError):
+    with pytest.raises(RuntimeError, match="crash mid-write"):
         with atomic_path(target) as tmp:
             tmp.write_text("{half")
-            1 / 0
+            raise RuntimeError("crash mid-write")
     assert json.loads(target.read_text()) == {"v": 1}
     assert sorted(p.name for p in tmp_path.iterdir()) == ["table.json"]
 

@@ -87,7 +87,7 @@ def test_a_crash_between_checkpoints_then_resume_gives_identical_weights(tmp_pat
         _run(tmp_path / "b", crashing_loss)
     assert load_checkpoint(tmp_path / "b" / CHECKPOINT)["step"] == 6
     resumed, _, resumed_history = _run(tmp_path / "b")  # new model, new optimizer: everything from the file
-    for a, b in zip(straight.state_dict().values(), resumed.state_dict().values()):
+    for a, b in zip(straight.state_dict().values(), resumed.state_dict().values(), strict=True):
         assert torch.equal(a, b)
     assert [h["epoch"] for h in resumed_history] == [0, 1, 2]
     assert resumed_history[1]["loss"] == pytest.approx(history[1]["loss"], rel=1e-6)  # partial sums survived
