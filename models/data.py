@@ -25,7 +25,8 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 class ChunkShuffleStream(IterableDataset):
-    """Yields ``(images uint8 (B, S, S, 3), labels int64 (B,))`` batches from ``store``.
+    """Yields ``(images uint8 (B, S, S, 3), labels int64 (B,))`` batches from ``store``, or with
+    ``target_store`` (aligned, e.g. crappified -> original) ``(images, target images uint8)``.
 
     ``block_images`` rows are read per HDF5 read (default: one storage chunk); ``buffer_blocks``
     blocks are shuffled together (default 16: 1,024 images, 150 MB per worker at S=224). ``subset`` in (0, 1] keeps the first fraction of the store (a
@@ -33,7 +34,8 @@ class ChunkShuffleStream(IterableDataset):
     the same ``seed`` and epoch number give the same batches.
     """
 
-    def __init__(self, store: str | Path, batch_size: int, *, block_images: int | None = None,
+    def __init__(self, store: str | Path, batch_size: int, *, target_store: str | Path | None = None,
+                 block_images: int | None = None,
                  buffer_blocks: int = 16, subset: float = 1.0, seed: int = 0, shuffle: bool = True,
                  drop_last: bool = False):
         if batch_size < 1:
@@ -43,6 +45,7 @@ class ChunkShuffleStream(IterableDataset):
         if buffer_blocks < 1:
             raise ValueError(f"buffer_blocks must be >= 1, got {buffer_blocks}")
         self.store, self.batch_size = str(store), batch_size
+        self.target_store = str(target_store) if target_store else None
         self.buffer_blocks, self.subset, self.seed = buffer_blocks, subset, seed
         self.shuffle, self.drop_last = shuffle, drop_last
         # in shared memory: persistent loader workers see set_epoch() without being restarted
@@ -53,9 +56,14 @@ class ChunkShuffleStream(IterableDataset):
             self.image_shape = images.shape[1:]
             # a joined store is a virtual dataset (no chunks of its own): its shards use the default
             chunk = images.chunks[0] if images.chunks else DEFAULT_CHUNK_IMAGES
+        if self.target_store:
+            with open_store(self.target_store) as t:
+                if t["images"].shape[0] != self.n_total:
+                    raise ValueError(f"{self.target_store} holds {t['images'].shape[0]} images; {self.store} "
+                                     f"holds {self.n_total}: pairs need aligned stores")
         self.block_images = block_images or chunk
         self.n = max(1, round(self.n_total * subset)) if self.n_total else 0
-        self._file = None
+        self._file = self._target = None
         self._pid = None
 
     @property
@@ -71,12 +79,13 @@ class ChunkShuffleStream(IterableDataset):
 
     def __getstate__(self) -> dict:
         state = self.__dict__.copy()
-        state["_file"], state["_pid"] = None, None  # h5py handles are neither picklable nor fork-safe
+        state["_file"], state["_target"], state["_pid"] = None, None, None  # h5py handles: not picklable/fork-safe
         return state
 
     def _open(self):
         if self._file is None or self._pid != os.getpid():
             self._file = open_store(self.store)
+            self._target = open_store(self.target_store) if self.target_store else None
             self._pid = os.getpid()
         return self._file
 
@@ -90,16 +99,17 @@ class ChunkShuffleStream(IterableDataset):
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         f = self._open()
-        images, labels = f["images"], f["labels"]
+        # targets: class labels, or the aligned images of the target store (low -> high pairs)
+        images, labels = f["images"], (self._target["images"] if self._target is not None else f["labels"])
         info = get_worker_info()
         rng = np.random.default_rng([self.seed, self.epoch, 1 + (info.id if info else 0)])
         blocks = self._my_blocks()
         carry_x = np.empty((0, *self.image_shape), np.uint8)
-        carry_y = np.empty((0,), np.int64)
+        carry_y = np.empty((0, *labels.shape[1:]), labels.dtype if self._target is not None else np.int64)
         for start in range(0, len(blocks), self.buffer_blocks):
             group = blocks[start:start + self.buffer_blocks]
             xs = [carry_x, *(images[a:b] for a, b in group)]  # contiguous reads
-            ys = [carry_y, *(labels[a:b].astype(np.int64) for a, b in group)]
+            ys = [carry_y, *(labels[a:b].astype(carry_y.dtype) for a, b in group)]
             x, y = np.concatenate(xs), np.concatenate(ys)
             if self.shuffle:
                 perm = rng.permutation(len(x))

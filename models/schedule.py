@@ -39,6 +39,9 @@ class Phase:
     power: float = 2.0
     image_size: int | None = None
     batch_size: int | None = None
+    # learning-rate multipliers per optimizer parameter group for this phase (e.g. (0, 1): encoder
+    # frozen; (0.01, 1): discriminative); None keeps each group's own ``lr_scale``
+    group_scales: tuple[float, ...] | None = None
 
     def __post_init__(self) -> None:
         if self.epochs < 1:

@@ -81,9 +81,14 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
     return torch.load(path, map_location="cpu", weights_only=False)
 
 
-def _set_hyperparameters(optimizer: torch.optim.Optimizer, lr: float, momentum: float | None) -> None:
-    for group in optimizer.param_groups:
-        group["lr"] = lr * group.get("lr_scale", 1.0)
+def _set_hyperparameters(optimizer: torch.optim.Optimizer, lr: float, momentum: float | None,
+                         group_scales: tuple[float, ...] | None = None) -> None:
+    if group_scales is not None and len(group_scales) != len(optimizer.param_groups):
+        raise ValueError(f"the phase scales {len(group_scales)} parameter groups; the optimizer has "
+                         f"{len(optimizer.param_groups)}")
+    for i, group in enumerate(optimizer.param_groups):
+        # a scale of 0 freezes the group (no step moves it: every update is multiplied by lr)
+        group["lr"] = lr * (group_scales[i] if group_scales is not None else group.get("lr_scale", 1.0))
         if momentum is not None:
             if "betas" in group:
                 group["betas"] = (momentum, group["betas"][1])
@@ -145,7 +150,7 @@ def train(model: nn.Module, optimizer: torch.optim.Optimizer, schedule: PhaseSch
             if i < skip:
                 continue
             _, lr, momentum = schedule.at(step)
-            _set_hyperparameters(optimizer, lr, momentum)
+            _set_hyperparameters(optimizer, lr, momentum, phase.group_scales)
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
             if cuda and config.channels_last and x.dim() == 4:
                 x = x.contiguous(memory_format=torch.channels_last)

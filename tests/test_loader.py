@@ -89,3 +89,16 @@ def test_to_float_nchw_normalises_into_channels_last():
     y = to_float_nchw(x, "cpu", mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
     assert y.shape == (2, 3, 4, 4) and y.is_contiguous(memory_format=torch.channels_last)
     assert torch.allclose(y, torch.ones_like(y))
+
+
+def test_target_store_gives_aligned_pairs(store, tmp_path):
+    target = tmp_path / "target.h5"
+    with ShardWriter(tmp_path / "t.h5", size=4, chunk_images=4) as w:
+        for i in range(N):
+            w.add(np.full((4, 4, 3), i, np.uint8), label=0, index=i, relpath=f"img{i}.JPEG")
+    join_shards([tmp_path / "t.h5"], target)
+    pairs = list(ChunkShuffleStream(store, 16, target_store=target, block_images=8))
+    for x, y in pairs:
+        assert y.dtype == torch.uint8 and y.shape[1:] == (4, 4, 3)
+        assert torch.equal(x[:, 0, 0, 0], y[:, 0, 0, 0])  # row i pairs with row i
+    assert sum(len(x) for x, _ in pairs) == N

@@ -117,3 +117,20 @@ def test_finished_run_resumes_to_nothing_and_short_epochs_are_an_error(tmp_path)
         train(model, torch.optim.SGD(model.parameters(), lr=0.1), PhaseSchedule([Phase(1, 0.1)], 5),
               lambda epoch, phase: iter([(torch.randn(2, 3, 8, 8), torch.zeros(2, dtype=torch.long))] * 2),
               nn.functional.cross_entropy, TrainConfig(checkpoint_dir=tmp_path / "x", device="cpu", progress=False))
+
+
+def test_a_phase_with_group_scale_zero_freezes_that_group(tmp_path):
+    torch.manual_seed(0)
+    model = Tiny()
+    body_before = [p.clone() for p in model.body.parameters() if p.requires_grad]
+    opt = torch.optim.Adam(param_groups((model.body, 1.0), (model.head, 1.0)), lr=1e-2)
+    schedule = PhaseSchedule([Phase(1, 1e-2, group_scales=(0.0, 1.0)), Phase(1, 1e-2)], SPE)
+    config = TrainConfig(checkpoint_dir=tmp_path, device="cpu", progress=False)
+    train(model, opt, schedule, _batches(*_data()), nn.functional.cross_entropy, config, stop_after_steps=SPE)
+    conv_w = model.body[0].weight
+    assert torch.equal(conv_w, body_before[0])  # frozen for the first phase
+    head_w = model.head.weight.clone()
+    model2 = Tiny()
+    opt2 = torch.optim.Adam(param_groups((model2.body, 1.0), (model2.head, 1.0)), lr=1e-2)
+    train(model2, opt2, schedule, _batches(*_data()), nn.functional.cross_entropy, config)  # resumes, unfreezes
+    assert not torch.equal(model2.body[0].weight, body_before[0]) and not torch.equal(model2.head.weight, head_w)
