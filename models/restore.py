@@ -1,0 +1,173 @@
+"""Training and evaluating super-resolution on aligned (low, high) HDF5 stores.
+
+Evaluation is what the references never did: PSNR and SSIM against the high-resolution target on
+held-out images, next to bicubic upsampling of the same inputs. A model that does not beat bicubic
+has failed.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.nn import functional as F
+
+from models.data import ChunkShuffleStream
+from models.losses import FeatureLoss, pixel_mse
+from models.metrics import psnr, ssim
+from models.schedule import Phase, PhaseSchedule
+from models.superres import make_generator
+from models.train import TrainConfig, load_checkpoint, param_groups, train
+from storage.hdf5 import open_store
+
+log = logging.getLogger(__name__)
+LOSSES = ("feature", "pixel")
+MODEL_FILE = "model.pt"  # the exported generator: weights + architecture + scale
+
+
+def to_unit(images: torch.Tensor, device: torch.device | str) -> torch.Tensor:
+    """uint8 (B, H, W, 3) -> float (B, 3, H, W) in [0, 1] on ``device``."""
+    return images.to(device, non_blocking=True).permute(0, 3, 1, 2).float().div_(255)
+
+
+def store_scale(low_store: str | Path, high_store: str | Path) -> int:
+    with open_store(low_store) as low, open_store(high_store) as high:
+        s_low, s_high = low["images"].shape[1], high["images"].shape[1]
+    if s_high % s_low:
+        raise ValueError(f"high-res side {s_high} is not a multiple of low-res side {s_low}")
+    return s_high // s_low
+
+
+@dataclass(frozen=True)
+class SuperResConfig:
+    arch: str = "unet"
+    loss: str = "feature"
+    batch_size: int = 8
+    phases: tuple[Phase, ...] = (Phase(1, (1e-3, 1e-5), "cosine", group_scales=(0.0, 1.0)),)
+    pretrained: bool = True
+    seed: int = 0
+    weight_decay: float = 1e-3
+
+    def __post_init__(self) -> None:
+        if self.loss not in LOSSES:
+            raise ValueError(f"unknown loss {self.loss!r}; choose one of {list(LOSSES)}")
+
+
+def build(config: SuperResConfig, scale: int):
+    """(model, optimizer with [encoder, rest] groups, loss function)."""
+    model = make_generator(config.arch, scale, pretrained=config.pretrained)
+    if config.arch == "unet":
+        encoder = set(map(id, model.unet.encoder_modules.parameters()))
+        groups = [{"params": [p for p in model.parameters() if id(p) in encoder]},
+                  {"params": [p for p in model.parameters() if id(p) not in encoder]}]
+    else:
+        groups = param_groups((model, 1.0))
+    optimizer = torch.optim.AdamW(groups, lr=1e-3, weight_decay=config.weight_decay)
+    loss_fn = FeatureLoss(pretrained=config.pretrained) if config.loss == "feature" else pixel_mse
+    return model, optimizer, loss_fn
+
+
+def train_superres(low_store: str | Path, high_store: str | Path, config: SuperResConfig, checkpoint_dir: Path, *,
+                   device: str | None = None, on_epoch: Callable[[dict[str, Any]], None] | None = None):
+    """Train a generator from the crappified store to the original; returns (model, history).
+
+    Resumes from ``checkpoint_dir/last.pt`` when present.
+    """
+    scale = store_scale(low_store, high_store)
+    model, optimizer, loss_fn = build(config, scale)
+    if config.arch != "unet":  # one parameter group: drop per-phase group scales meant for the U-Net
+        phases = tuple(Phase(**{**asdict(p), "group_scales": None}) for p in config.phases)
+    else:
+        phases = config.phases
+    stream = ChunkShuffleStream(low_store, config.batch_size, target_store=high_store, seed=config.seed,
+                                drop_last=True)
+    if len(stream) < 1:
+        raise ValueError(f"{stream.n} training pairs are fewer than one batch of {config.batch_size}")
+    tconfig = TrainConfig(checkpoint_dir=checkpoint_dir, seed=config.seed,
+                          **({"device": device} if device else {}))
+    loss_fn = loss_fn.to(tconfig.device) if isinstance(loss_fn, torch.nn.Module) else loss_fn
+
+    def batches(epoch: int, phase: Phase):
+        stream.set_epoch(epoch)
+        for low, high in stream:
+            yield to_unit(low, "cpu"), to_unit(high, "cpu")
+
+    history = train(model, optimizer, PhaseSchedule(phases, len(stream)), batches, loss_fn, tconfig,
+                    on_epoch=on_epoch)
+    export_generator(model.cpu(), config.arch, scale, Path(checkpoint_dir) / MODEL_FILE)
+    return model, history
+
+
+@torch.no_grad()
+def evaluate_superres(model: torch.nn.Module, low_store: str | Path, high_store: str | Path, *,
+                      limit: int | None = None, batch_size: int = 16, device: str = "cpu") -> dict[str, Any]:
+    """Per-image and mean PSNR/SSIM of the model and of bicubic upsampling against the targets."""
+    model.eval().to(device)
+    scale = store_scale(low_store, high_store)
+    rows: list[dict[str, Any]] = []
+    with open_store(low_store) as low_f, open_store(high_store) as high_f:
+        n = low_f["images"].shape[0] if limit is None else min(limit, low_f["images"].shape[0])
+        paths = high_f["paths"].asstr()
+        for a in range(0, n, batch_size):
+            b = min(a + batch_size, n)
+            low = to_unit(torch.from_numpy(low_f["images"][a:b]), device)
+            high = to_unit(torch.from_numpy(high_f["images"][a:b]), device)
+            pred = model(low).clamp(0, 1)
+            bicubic = F.interpolate(low, scale_factor=scale, mode="bicubic", align_corners=False).clamp(0, 1)
+            for i, (pm, pb, sm, sb) in enumerate(zip(psnr(pred, high), psnr(bicubic, high), ssim(pred, high),
+                                                     ssim(bicubic, high))):
+                rows.append({"path": paths[a + i], "psnr_model": float(pm), "psnr_bicubic": float(pb),
+                             "ssim_model": float(sm), "ssim_bicubic": float(sb)})
+    if not rows:
+        raise ValueError(f"no images to evaluate in {low_store}")
+    mean = {k: sum(r[k] for r in rows) / len(rows) for k in ("psnr_model", "psnr_bicubic", "ssim_model", "ssim_bicubic")}
+    return {"images": len(rows), **mean, "per_image": rows}
+
+
+def load_generator(checkpoint: str | Path) -> torch.nn.Module:
+    """A generator exported by ``train_superres`` (``model.pt``, or the folder holding it)."""
+    path = Path(checkpoint)
+    path = path / MODEL_FILE if path.is_dir() else path
+    if not path.is_file():
+        raise FileNotFoundError(f"no exported generator at {path}; train one first (it is written when training ends)")
+    state = load_checkpoint(path)
+    meta = state.get("superres")
+    if meta is None:
+        raise ValueError(f"{path} holds no super-resolution model (no 'superres' entry)")
+    model = make_generator(meta["arch"], meta["scale"], pretrained=False)
+    model.load_state_dict(state["model"])
+    return model.eval()
+
+
+def export_generator(model: torch.nn.Module, arch: str, scale: int, out: Path) -> Path:
+    from models.train import save_checkpoint
+
+    save_checkpoint(out, model=model.state_dict(), superres={"arch": arch, "scale": scale})
+    return out
+
+
+def enhance(model: torch.nn.Module, image: torch.Tensor, *, tile: int = 256, overlap: int = 16,
+            scale: int | None = None) -> torch.Tensor:
+    """Run a fully convolutional generator on an image of any size, in overlapping tiles.
+
+    ``image``: (3, H, W) in [0, 1]. Tiles of ``tile`` low-res pixels bound memory; the overlap is
+    cropped away so seams do not show.
+    """
+    scale = scale or getattr(model, "scale")
+    _, h, w = image.shape
+    out = torch.zeros(3, h * scale, w * scale)
+    step = tile - 2 * overlap
+    with torch.no_grad():
+        for y in range(0, h, step):
+            for x in range(0, w, step):
+                y0, x0 = max(y - overlap, 0), max(x - overlap, 0)
+                y1, x1 = min(y + step + overlap, h), min(x + step + overlap, w)
+                pred = model(image[None, :, y0:y1, x0:x1])[0].clamp(0, 1)
+                ty, tx = (y - y0) * scale, (x - x0) * scale
+                hh, ww = (min(y + step, h) - y) * scale, (min(x + step, w) - x) * scale
+                out[:, y * scale:y * scale + hh, x * scale:x * scale + ww] = pred[:, ty:ty + hh, tx:tx + ww]
+    return out

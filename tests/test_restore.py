@@ -1,0 +1,85 @@
+"""Super-resolution training and evaluation on tiny real stores (sample photos, CPU)."""
+
+import pytest
+import torch
+from torch.nn import functional as F
+
+from models.metrics import psnr
+from models.restore import (
+    SuperResConfig,
+    enhance,
+    evaluate_superres,
+    load_generator,
+    store_scale,
+    train_superres,
+)
+from models.schedule import Phase
+from tasks.crappify import CrappifyConfig, crappify_stage, run_crappify
+from tasks.listing import fingerprint_dataset, listing_stage, run_listing
+from tasks.resize import ResizeConfig, resize_stage, run_resize
+
+
+@pytest.fixture(scope="module")
+def pairs(sample_root, tmp_path_factory):
+    from storage.tiers import Tiers
+
+    root = tmp_path_factory.mktemp("pairs")
+    tiers = Tiers(fast=root / "fast", bulk=root / "bulk")
+    listing = run_listing(listing_stage(tiers, root=sample_root, fingerprint=fingerprint_dataset(sample_root), seed=0),
+                          root=sample_root, seed=0)
+    rc = ResizeConfig(size=32)
+    high = run_resize(resize_stage(tiers, listing_dir=listing.path, config=rc), listing_dir=listing.path, config=rc)
+    cc = CrappifyConfig(crappifier="downscale", size=8)
+    low = run_crappify(crappify_stage(tiers, resize_dir=high.path, config=cc), resize_dir=high.path, config=cc, cores=1)
+    return {split: (low.path / f"{split}.h5", high.path / f"{split}.h5") for split in ("train", "val")}
+
+
+def test_scale_comes_from_the_stores(pairs):
+    assert store_scale(*pairs["train"]) == 4
+
+
+def test_johnson_trains_resumes_exports_and_evaluates_against_bicubic(pairs, tmp_path):
+    config = SuperResConfig(arch="johnson", loss="pixel", batch_size=8, pretrained=False,
+                            phases=(Phase(2, (3e-3, 1e-4), "cosine"),))
+    model, history = train_superres(*pairs["train"], config, tmp_path / "run", device="cpu")
+    assert [h["epoch"] for h in history] == [0, 1] and {"loss", "pixel_mse"} <= set(history[0])
+    assert history[1]["loss"] < history[0]["loss"]
+    reloaded = load_generator(tmp_path / "run")
+    low = torch.rand(1, 3, 8, 8)
+    assert torch.allclose(reloaded(low), model.eval()(low))
+    result = evaluate_superres(reloaded, *pairs["val"])
+    assert result["images"] == 14 and len(result["per_image"]) == 14
+    first = result["per_image"][0]
+    import h5py
+
+    with h5py.File(pairs["val"][0]) as lo, h5py.File(pairs["val"][1]) as hi:
+        x = torch.from_numpy(lo["images"][:1]).permute(0, 3, 1, 2).float() / 255
+        y = torch.from_numpy(hi["images"][:1]).permute(0, 3, 1, 2).float() / 255
+    bicubic = F.interpolate(x, scale_factor=4, mode="bicubic", align_corners=False).clamp(0, 1)
+    assert first["psnr_bicubic"] == pytest.approx(float(psnr(bicubic, y)[0]), rel=1e-5)
+    assert 5 < result["psnr_model"] < 60 and 0 < result["ssim_model"] <= 1
+
+
+def test_unet_with_feature_loss_runs_one_epoch_and_logs_every_term(pairs, tmp_path):
+    config = SuperResConfig(arch="unet", loss="feature", batch_size=8, pretrained=False)
+    _, history = train_superres(*pairs["val"], config, tmp_path, device="cpu")
+    assert {"pixel", "feat_0", "feat_1", "feat_2", "gram_0", "gram_1", "gram_2"} <= set(history[0])
+
+
+def test_tiled_enhance_equals_one_pass_on_a_fully_convolutional_model():
+    from models.superres import JohnsonNet
+
+    torch.manual_seed(0)
+    model = JohnsonNet(2, n_res=1).eval()
+    image = torch.rand(3, 40, 52)
+    whole = model(image[None])[0].clamp(0, 1)
+    tiled = enhance(model, image, tile=24, overlap=10)
+    assert tiled.shape == (3, 80, 104)
+    assert torch.allclose(tiled, whole, atol=1e-5)
+
+
+def test_bad_loss_name_and_missing_model_are_named(tmp_path):
+    with pytest.raises(ValueError, match=r"unknown loss 'ssim'; choose one of \['feature', 'pixel'\]"):
+        SuperResConfig(loss="ssim")
+    with pytest.raises(FileNotFoundError, match="no exported generator at"):
+        load_generator(tmp_path)
