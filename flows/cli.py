@@ -107,6 +107,43 @@ def _cmd_words(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_evaluate_superres(args: argparse.Namespace) -> int:
+    import h5py
+
+    from models.restore import evaluate_superres, load_generator
+
+    with h5py.File(args.store, "r") as f:
+        source = f.attrs.get("source_store")
+    if source is None:
+        print(f"error: {args.store} is not a crappified store (no source_store attribute); pass "
+              "fast/crappify/<key>/<split>.h5", file=sys.stderr)
+        return 2
+    result = evaluate_superres(load_generator(args.model), args.store, source, limit=args.limit)
+    print(f"{result['images']} images of {args.store} against {source}")
+    print(f"{'':<10} {'PSNR dB':>8} {'SSIM':>7}")
+    print(f"{'model':<10} {result['psnr_model']:>8.2f} {result['ssim_model']:>7.4f}")
+    print(f"{'bicubic':<10} {result['psnr_bicubic']:>8.2f} {result['ssim_bicubic']:>7.4f}")
+    print(f"RESULT psnr_model={result['psnr_model']:.2f} psnr_bicubic={result['psnr_bicubic']:.2f} "
+          f"ssim_model={result['ssim_model']:.4f} ssim_bicubic={result['ssim_bicubic']:.4f}")
+    return 0
+
+
+def _cmd_enhance(args: argparse.Namespace) -> int:
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    from models.restore import enhance, load_generator
+
+    model = load_generator(args.model)
+    with Image.open(args.input) as im:
+        x = torch.from_numpy(np.array(im.convert("RGB"))).permute(2, 0, 1).float() / 255
+    y = enhance(model, x, tile=args.tile)
+    Image.fromarray((y.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)).save(args.output)
+    print(f"{args.input} {tuple(x.shape[1:][::-1])} -> {args.output} {tuple(y.shape[1:][::-1])}")
+    return 0
+
+
 def _cmd_server(args: argparse.Namespace) -> int:
     from flows.server import api_url, is_healthy, start_server, stop_server
 
@@ -179,6 +216,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--vocabulary", choices=["imagenet", "wordnet"], default="imagenet")
     p.add_argument("--table", help="an embeddings stage directory (default: the newest on the fast tier)")
     p.set_defaults(func=_cmd_words)
+
+    p = sub.add_parser("evaluate-superres", help="PSNR/SSIM of a trained generator vs bicubic on a crappified store")
+    p.add_argument("model", help="model.pt written by super-resolution training (or its folder)")
+    p.add_argument("store", help="a crappified store, e.g. data/fast/crappify/<key>/val.h5")
+    p.add_argument("--limit", type=int, help="evaluate only the first N images")
+    p.set_defaults(func=_cmd_evaluate_superres)
+
+    p = sub.add_parser("enhance", help="upscale/restore any image with a trained generator (tiled)")
+    p.add_argument("model")
+    p.add_argument("input")
+    p.add_argument("output")
+    p.add_argument("--tile", type=int, default=256, help="tile side in input pixels (bounds memory)")
+    p.set_defaults(func=_cmd_enhance)
 
     p = sub.add_parser("server", help="manage the local Prefect server (127.0.0.1, PREFECT_HOME=.prefect)")
     p.add_argument("action", choices=["start", "stop", "status"])

@@ -144,6 +144,7 @@ def load_generator(checkpoint: str | Path) -> torch.nn.Module:
 
 
 def export_generator(model: torch.nn.Module, arch: str, scale: int, out: Path) -> Path:
+    """Weights + (arch, scale): enough to rebuild the generators ``make_generator`` makes (default sizes)."""
     from models.train import save_checkpoint
 
     save_checkpoint(out, model=model.state_dict(), superres={"arch": arch, "scale": scale})

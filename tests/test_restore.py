@@ -83,3 +83,20 @@ def test_bad_loss_name_and_missing_model_are_named(tmp_path):
         SuperResConfig(loss="ssim")
     with pytest.raises(FileNotFoundError, match="no exported generator at"):
         load_generator(tmp_path)
+
+
+def test_evaluate_and_enhance_commands(pairs, tmp_path, capsys):
+    from PIL import Image
+
+    from flows.cli import main
+
+    _, history = train_superres(*pairs["val"], SuperResConfig(arch="johnson", loss="pixel", pretrained=False),
+                                tmp_path / "run", device="cpu")
+    assert main(["evaluate-superres", str(tmp_path / "run"), str(pairs["val"][0]), "--limit", "5"]) == 0
+    out = capsys.readouterr().out
+    assert "5 images of" in out and out.strip().splitlines()[-1].startswith("RESULT psnr_model=")
+    assert main(["evaluate-superres", str(tmp_path / "run"), str(pairs["val"][1])]) == 2  # a high-res store
+    Image.fromarray((torch.rand(20, 30, 3) * 255).byte().numpy()).save(tmp_path / "in.png")
+    assert main(["enhance", str(tmp_path / "run"), str(tmp_path / "in.png"), str(tmp_path / "out.png")]) == 0
+    with Image.open(tmp_path / "out.png") as im:
+        assert im.size == (120, 80)
