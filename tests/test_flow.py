@@ -136,3 +136,22 @@ def test_pipeline_word_stage_publishes_the_match_counts(prefect_server, word_tie
     assert "word-table-matches" in latest
     rows = __import__("json").loads(latest["word-table-matches"].data)
     assert {r["scope"] for r in rows} == {"imagenet_1k", "wordnet_nouns"}
+
+
+def test_superres_flow_trains_evaluates_and_publishes_artifacts(prefect_server, tier_env):
+    from prefect.client.orchestration import get_client
+
+    from flows.superres import superres
+
+    out = superres(arch="johnson", loss="pixel", high_size=32, low_size=8, crappifier="downscale", epochs=2,
+                   batch_size=8, pretrained=False)
+    assert (Path(out["superres"]) / "model.pt").is_file() and open_stage(out["superres"]).manifest()["epochs"] == 2
+    assert set(out["metrics"]) == {"psnr_model", "psnr_bicubic", "ssim_model", "ssim_bicubic"}
+
+    async def artifacts():
+        async with get_client() as client:
+            return {a.key: a for a in await client.read_latest_artifacts()}
+
+    latest = asyncio.run(artifacts())
+    assert "data:image/png;base64," in latest["superres-samples"].data
+    assert len(__import__("json").loads(latest["superres-epochs"].data)) == 2
