@@ -8,7 +8,7 @@ has failed.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -158,7 +158,7 @@ def enhance(model: torch.nn.Module, image: torch.Tensor, *, tile: int = 256, ove
     ``image``: (3, H, W) in [0, 1]. Tiles of ``tile`` low-res pixels bound memory; the overlap is
     cropped away so seams do not show.
     """
-    scale = scale or getattr(model, "scale")
+    scale = scale or model.scale
     _, h, w = image.shape
     out = torch.zeros(3, h * scale, w * scale)
     step = tile - 2 * overlap

@@ -266,11 +266,17 @@ def run_resize(stage: StageDir, *, listing_dir: str | Path, config: ResizeConfig
     if stage.is_complete:
         return stage
     stage.prepare()
-    root = open_stage(listing_dir).manifest()["root"]
-    specs = [s for split in splits if (Path(listing_dir) / f"{split}.tsv").is_file()
-             for s in plan_shards(listing_dir, root, stage.path, split, config.shard_images)]
+    specs = plan_stage(listing_dir, stage.path, config, splits)
     resize_shards(specs, config, cores=cores)
     return join_stage(stage, specs, config)
+
+
+def plan_stage(listing_dir: str | Path, stage_path: Path, config: ResizeConfig,
+               splits: Sequence[str] = ("train", "val")) -> list[ShardSpec]:
+    """Shard specs for every split the listing has, in order."""
+    root = open_stage(listing_dir).manifest()["root"]
+    return [s for split in splits if (Path(listing_dir) / f"{split}.tsv").is_file()
+            for s in plan_shards(listing_dir, root, stage_path, split, config.shard_images)]
 
 
 # --- Prefect layer --------------------------------------------------------------------------
@@ -284,9 +290,7 @@ def plan_resize(listing_dir: str, config: ResizeConfig, tiers: Tiers) -> list[Sh
     stage = resize_stage(tiers, listing_dir=listing_dir, config=config)
     if not stage.is_complete:
         stage.prepare()
-    root = open_stage(listing_dir).manifest()["root"]
-    return [s for split in ("train", "val") if (Path(listing_dir) / f"{split}.tsv").is_file()
-            for s in plan_shards(listing_dir, root, stage.path, split, config.shard_images)]
+    return plan_stage(listing_dir, stage.path, config)
 
 
 @task(name="resize-shard", retries=2, retry_delay_seconds=5)
