@@ -72,10 +72,12 @@ def build(config: SuperResConfig, scale: int):
 
 
 def train_superres(low_store: str | Path, high_store: str | Path, config: SuperResConfig, checkpoint_dir: Path, *,
-                   device: str | None = None, on_epoch: Callable[[dict[str, Any]], None] | None = None):
+                   device: str | None = None, on_epoch: Callable[[dict[str, Any]], None] | None = None,
+                   tensorboard: bool = True):
     """Train a generator from the crappified store to the original; returns (model, history).
 
-    Resumes from ``checkpoint_dir/last.pt`` when present.
+    Resumes from ``checkpoint_dir/last.pt`` when present; TensorBoard curves go to
+    ``checkpoint_dir/tensorboard`` (``tensorboard --logdir`` on it).
     """
     scale = store_scale(low_store, high_store)
     model, optimizer, loss_fn = build(config, scale)
@@ -88,6 +90,7 @@ def train_superres(low_store: str | Path, high_store: str | Path, config: SuperR
     if len(stream) < 1:
         raise ValueError(f"{stream.n} training pairs are fewer than one batch of {config.batch_size}")
     tconfig = TrainConfig(checkpoint_dir=checkpoint_dir, seed=config.seed,
+                          tensorboard_dir=Path(checkpoint_dir) / "tensorboard" if tensorboard else None,
                           **({"device": device} if device else {}))
     loss_fn = loss_fn.to(tconfig.device) if isinstance(loss_fn, torch.nn.Module) else loss_fn
 

@@ -47,6 +47,7 @@ class TrainConfig:
     channels_last: bool = True  # CUDA only
     grad_clip: float | None = None
     progress: bool = sys.stderr.isatty()
+    tensorboard_dir: Path | None = None  # per-step loss/lr and per-epoch records, when set
 
 
 def seed_everything(seed: int) -> None:
@@ -131,6 +132,23 @@ def train(model: nn.Module, optimizer: torch.optim.Optimizer, schedule: PhaseSch
     else:
         seed_everything(config.seed)
 
+    writer = None
+    if config.tensorboard_dir is not None:
+        from torch.utils.tensorboard import SummaryWriter
+
+        # purge_step: a resumed run drops what the interrupted one logged after its checkpoint (steps
+        # are logged after their update, so the checkpoint at ``step`` already includes step ``step``)
+        writer = SummaryWriter(str(config.tensorboard_dir), purge_step=step + 1 if step else None)
+    try:
+        return _run(model, optimizer, schedule, batches, loss_fn, config, evaluate, on_epoch, stop_after_steps,
+                    device, cuda, ckpt, step, history, sums, seen, writer)
+    finally:
+        if writer is not None:
+            writer.close()
+
+
+def _run(model, optimizer, schedule, batches, loss_fn, config, evaluate, on_epoch, stop_after_steps,
+         device, cuda, ckpt, step, history, sums, seen, writer) -> list[dict[str, Any]]:
     def checkpoint() -> None:
         save_checkpoint(ckpt, model=model.state_dict(), optimizer=optimizer.state_dict(), step=step,
                         epoch=step // schedule.steps_per_epoch, rng=_rng_state(), epoch_sums=dict(sums),
@@ -166,6 +184,9 @@ def train(model: nn.Module, optimizer: torch.optim.Optimizer, schedule: PhaseSch
             seen += len(x)
             for name, value in terms.items():
                 sums[name] += float(value.detach()) * len(x)
+            if writer is not None:
+                writer.add_scalar("train/loss", float(terms["loss"].detach()), step)
+                writer.add_scalar("train/lr", lr, step)
             if config.progress and i % 10 == 0:
                 print(f"\repoch {epoch + 1}/{schedule.epochs} step {i + 1}/{spe} loss {float(terms['loss']):.4f}",
                       end="", file=sys.stderr)
@@ -184,6 +205,11 @@ def train(model: nn.Module, optimizer: torch.optim.Optimizer, schedule: PhaseSch
             with torch.no_grad():
                 record.update({f"valid_{k}": v for k, v in evaluate(model).items()})
         history.append(record)
+        if writer is not None:
+            for name, value in record.items():
+                if isinstance(value, float) and name not in ("lr", "seconds"):
+                    writer.add_scalar(f"epoch/{name}", value, epoch)
+            writer.flush()
         sums, seen = defaultdict(float), 0
         checkpoint()
         if config.progress:

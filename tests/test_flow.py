@@ -146,6 +146,7 @@ def test_superres_flow_trains_evaluates_and_publishes_artifacts(prefect_server, 
     out = superres(arch="johnson", loss="pixel", high_size=32, low_size=8, crappifier="downscale", epochs=2,
                    batch_size=8, pretrained=False)
     assert (Path(out["superres"]) / "model.pt").is_file() and open_stage(out["superres"]).manifest()["epochs"] == 2
+    assert any((Path(out["superres"]) / "tensorboard").glob("events.out.tfevents.*"))
     assert set(out["metrics"]) == {"psnr_model", "psnr_bicubic", "ssim_model", "ssim_bicubic"}
 
     async def artifacts():

@@ -134,3 +134,36 @@ def test_a_phase_with_group_scale_zero_freezes_that_group(tmp_path):
     opt2 = torch.optim.Adam(param_groups((model2.body, 1.0), (model2.head, 1.0)), lr=1e-2)
     train(model2, opt2, schedule, _batches(*_data()), nn.functional.cross_entropy, config)  # resumes, unfreezes
     assert not torch.equal(model2.body[0].weight, body_before[0]) and not torch.equal(model2.head.weight, head_w)
+
+
+def test_tensorboard_gets_step_and_epoch_scalars_and_a_resume_does_not_duplicate_them(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    tb = tmp_path / "tb"
+
+    def run(loss=nn.functional.cross_entropy, **kwargs):
+        torch.manual_seed(1)
+        model = Tiny()
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        config = TrainConfig(checkpoint_dir=tmp_path / "ckpt", device="cpu", progress=False, tensorboard_dir=tb)
+        schedule = PhaseSchedule([Phase(2, (0.05, 0.001))], SPE)
+        return train(model, opt, schedule, _batches(*_data()), loss, config, **kwargs)
+
+    run(stop_after_steps=7)  # 1 epoch + 2 steps logged, checkpoint at step 7
+    calls = {"n": 0}
+
+    def crash_on_second_call(out, y):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise RuntimeError("crash after logging step 8")
+        return nn.functional.cross_entropy(out, y)
+
+    with pytest.raises(RuntimeError, match="crash after logging step 8"):
+        run(crash_on_second_call)  # logs step 8, then dies: the checkpoint stays at 7
+    run()  # resumes at step 7: its step 8 replaces the crashed run's
+    events = EventAccumulator(str(tb))
+    events.Reload()
+    steps = [e.step for e in events.Scalars("train/loss")]
+    assert sorted(steps) == list(range(1, 2 * SPE + 1))  # each step exactly once
+    assert [e.step for e in events.Scalars("epoch/loss")] == [0, 1]
+    assert {"train/lr", "epoch/loss"} <= set(events.Tags()["scalars"])
