@@ -19,6 +19,7 @@ import sys
 import time
 from collections import defaultdict
 from collections.abc import Callable, Iterable
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -104,6 +105,25 @@ def _terms(out: torch.Tensor | dict[str, torch.Tensor]) -> dict[str, torch.Tenso
     return terms
 
 
+@contextmanager
+def _tensorboard(log_dir: Path | None, step: int):
+    """A SummaryWriter for ``log_dir`` (None: no writer), closed at the end.
+
+    purge_step: a resumed run drops what the interrupted one logged after its checkpoint (steps
+    are logged after their update, so the checkpoint at ``step`` already includes step ``step``).
+    """
+    if log_dir is None:
+        yield None
+        return
+    from torch.utils.tensorboard import SummaryWriter
+
+    writer = SummaryWriter(str(log_dir), purge_step=step + 1 if step else None)
+    try:
+        yield writer
+    finally:
+        writer.close()
+
+
 def train(model: nn.Module, optimizer: torch.optim.Optimizer, schedule: PhaseSchedule, batches: Batches,
           loss_fn: LossFn, config: TrainConfig, *, evaluate: Callable[[nn.Module], dict[str, float]] | None = None,
           on_epoch: Callable[[dict[str, Any]], None] | None = None, resume: bool = True,
@@ -132,95 +152,79 @@ def train(model: nn.Module, optimizer: torch.optim.Optimizer, schedule: PhaseSch
     else:
         seed_everything(config.seed)
 
-    writer = None
-    if config.tensorboard_dir is not None:
-        from torch.utils.tensorboard import SummaryWriter
-
-        # purge_step: a resumed run drops what the interrupted one logged after its checkpoint (steps
-        # are logged after their update, so the checkpoint at ``step`` already includes step ``step``)
-        writer = SummaryWriter(str(config.tensorboard_dir), purge_step=step + 1 if step else None)
-    try:
-        return _run(model, optimizer, schedule, batches, loss_fn, config, evaluate, on_epoch, stop_after_steps,
-                    device, cuda, ckpt, step, history, sums, seen, writer)
-    finally:
-        if writer is not None:
-            writer.close()
-
-
-def _run(model, optimizer, schedule, batches, loss_fn, config, evaluate, on_epoch, stop_after_steps,
-         device, cuda, ckpt, step, history, sums, seen, writer) -> list[dict[str, Any]]:
     def checkpoint() -> None:
         save_checkpoint(ckpt, model=model.state_dict(), optimizer=optimizer.state_dict(), step=step,
                         epoch=step // schedule.steps_per_epoch, rng=_rng_state(), epoch_sums=dict(sums),
                         epoch_seen=seen, history=history, config={**asdict(config), "checkpoint_dir": str(ckpt.parent)})
 
-    spe = schedule.steps_per_epoch
-    for epoch in range(step // spe, schedule.epochs):
-        phase_index = schedule.phase_of_epoch(epoch)
-        phase = schedule.phases[phase_index]
-        skip = step - epoch * spe  # batches of this epoch taken before an interruption
-        model.train()
-        start = time.perf_counter()
-        taken = 0
-        for i, (x, y) in enumerate(batches(epoch, phase)):
-            if i >= spe:
-                break
-            if i < skip:
-                continue
-            _, lr, momentum = schedule.at(step)
-            _set_hyperparameters(optimizer, lr, momentum, phase.group_scales)
-            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            if cuda and config.channels_last and x.dim() == 4:
-                x = x.contiguous(memory_format=torch.channels_last)
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda and config.bf16):
-                terms = _terms(loss_fn(model(x), y))
-            optimizer.zero_grad(set_to_none=True)
-            terms["loss"].backward()
-            if config.grad_clip:
-                nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
-            optimizer.step()
-            step += 1
-            taken += 1
-            seen += len(x)
-            for name, value in terms.items():
-                sums[name] += float(value.detach()) * len(x)
+    with _tensorboard(config.tensorboard_dir, step) as writer:
+        spe = schedule.steps_per_epoch
+        for epoch in range(step // spe, schedule.epochs):
+            phase_index = schedule.phase_of_epoch(epoch)
+            phase = schedule.phases[phase_index]
+            skip = step - epoch * spe  # batches of this epoch taken before an interruption
+            model.train()
+            start = time.perf_counter()
+            taken = 0
+            for i, (x, y) in enumerate(batches(epoch, phase)):
+                if i >= spe:
+                    break
+                if i < skip:
+                    continue
+                _, lr, momentum = schedule.at(step)
+                _set_hyperparameters(optimizer, lr, momentum, phase.group_scales)
+                x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+                if cuda and config.channels_last and x.dim() == 4:
+                    x = x.contiguous(memory_format=torch.channels_last)
+                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda and config.bf16):
+                    terms = _terms(loss_fn(model(x), y))
+                optimizer.zero_grad(set_to_none=True)
+                terms["loss"].backward()
+                if config.grad_clip:
+                    nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+                optimizer.step()
+                step += 1
+                taken += 1
+                seen += len(x)
+                for name, value in terms.items():
+                    sums[name] += float(value.detach()) * len(x)
+                if writer is not None:
+                    writer.add_scalar("train/loss", float(terms["loss"].detach()), step)
+                    writer.add_scalar("train/lr", lr, step)
+                if config.progress and i % 10 == 0:
+                    print(f"\repoch {epoch + 1}/{schedule.epochs} step {i + 1}/{spe} loss {float(terms['loss']):.4f}",
+                          end="", file=sys.stderr)
+                if config.checkpoint_every and step % config.checkpoint_every == 0 and step % spe:
+                    checkpoint()
+                if stop_after_steps is not None and step >= stop_after_steps and step % spe:
+                    checkpoint()
+                    return history
+            if skip + taken < spe:
+                raise ValueError(f"epoch {epoch} gave {skip + taken} batches; the schedule expects {spe} per epoch")
+            record = {"epoch": epoch, "phase": phase_index, "lr": lr, "step": step,
+                      **{name: total / max(seen, 1) for name, total in sums.items()},
+                      "seconds": round(time.perf_counter() - start, 3)}
+            if evaluate is not None:
+                model.eval()
+                with torch.no_grad():
+                    record.update({f"valid_{k}": v for k, v in evaluate(model).items()})
+            history.append(record)
             if writer is not None:
-                writer.add_scalar("train/loss", float(terms["loss"].detach()), step)
-                writer.add_scalar("train/lr", lr, step)
-            if config.progress and i % 10 == 0:
-                print(f"\repoch {epoch + 1}/{schedule.epochs} step {i + 1}/{spe} loss {float(terms['loss']):.4f}",
-                      end="", file=sys.stderr)
-            if config.checkpoint_every and step % config.checkpoint_every == 0 and step % spe:
-                checkpoint()
-            if stop_after_steps is not None and step >= stop_after_steps and step % spe:
-                checkpoint()
+                for name, value in record.items():
+                    if isinstance(value, float) and name not in ("lr", "seconds"):
+                        writer.add_scalar(f"epoch/{name}", value, epoch)
+                writer.flush()
+            sums, seen = defaultdict(float), 0
+            checkpoint()
+            if config.progress:
+                print(file=sys.stderr)
+            log.info("epoch %d/%d: %s", epoch + 1, schedule.epochs,
+                     {k: round(v, 5) if isinstance(v, float) else v for k, v in record.items()})
+            if on_epoch is not None:
+                on_epoch(record)
+            if stop_after_steps is not None and step >= stop_after_steps:
                 return history
-        if skip + taken < spe:
-            raise ValueError(f"epoch {epoch} gave {skip + taken} batches; the schedule expects {spe} per epoch")
-        record = {"epoch": epoch, "phase": phase_index, "lr": lr, "step": step,
-                  **{name: total / max(seen, 1) for name, total in sums.items()},
-                  "seconds": round(time.perf_counter() - start, 3)}
-        if evaluate is not None:
-            model.eval()
-            with torch.no_grad():
-                record.update({f"valid_{k}": v for k, v in evaluate(model).items()})
-        history.append(record)
-        if writer is not None:
-            for name, value in record.items():
-                if isinstance(value, float) and name not in ("lr", "seconds"):
-                    writer.add_scalar(f"epoch/{name}", value, epoch)
-            writer.flush()
-        sums, seen = defaultdict(float), 0
-        checkpoint()
-        if config.progress:
-            print(file=sys.stderr)
-        log.info("epoch %d/%d: %s", epoch + 1, schedule.epochs,
-                 {k: round(v, 5) if isinstance(v, float) else v for k, v in record.items()})
-        if on_epoch is not None:
-            on_epoch(record)
-        if stop_after_steps is not None and step >= stop_after_steps:
-            return history
-    return history
+        return history
 
 
 def freeze(module: nn.Module, frozen: bool = True) -> None:
