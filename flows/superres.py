@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from prefect import flow
 
 from flows.logs import route_stage_logs
@@ -32,8 +34,9 @@ def superres(
     route_stage_logs()
     stages = pipeline(source=source, seed=seed, size=high_size, crappifier=crappifier, crappify_size=low_size,
                       words=False, refresh=refresh)
+    # the U-Net's [encoder, rest] groups: the pretrained encoder learns at 1/10 of the rate
     phases = tuple(one_cycle(epochs, lr)) if arch == "johnson" else tuple(
-        p.__class__(**{**p.__dict__, "group_scales": (0.1, 1.0)}) for p in one_cycle(epochs, lr))
+        replace(p, group_scales=(0.1, 1.0)) for p in one_cycle(epochs, lr))
     config = SuperResConfig(arch=arch, loss=loss, batch_size=batch_size, phases=phases, pretrained=pretrained,
                             seed=seed)
     model_dir = train_superres_task(stages["crappify"], config, Tiers.from_env())

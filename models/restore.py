@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -82,7 +82,7 @@ def train_superres(low_store: str | Path, high_store: str | Path, config: SuperR
     scale = store_scale(low_store, high_store)
     model, optimizer, loss_fn = build(config, scale)
     if config.arch != "unet":  # one parameter group: drop per-phase group scales meant for the U-Net
-        phases = tuple(Phase(**{**asdict(p), "group_scales": None}) for p in config.phases)
+        phases = tuple(replace(p, group_scales=None) for p in config.phases)
     else:
         phases = config.phases
     stream = ChunkShuffleStream(low_store, config.batch_size, target_store=high_store, seed=config.seed,
