@@ -145,6 +145,9 @@ def join_shards(shards: Sequence[Path], out: Path, *, attrs: Mapping[str, Any] |
     out = Path(out)
     if not shards:
         raise ValueError("no shards to join")
+    missing = [str(p) for p in shards if not Path(p).is_file()]
+    if missing:
+        raise FileNotFoundError(f"cannot join {out.name}: {len(missing)} shard(s) missing, e.g. {missing[0]}")
     metas = []
     for shard in shards:
         with h5py.File(shard, "r") as f:
@@ -178,6 +181,14 @@ def join_shards(shards: Sequence[Path], out: Path, *, attrs: Mapping[str, Any] |
         rej.create_dataset("reasons", data=rejects["reasons"], dtype=_STR)
         f.attrs.update({"format": STORE_FORMAT, "size": size, "shards": len(metas), **(attrs or {})})
     return {"written": n, "rejected": int(rejects["index"].shape[0])}
+
+
+def read_store_rejects(path: Path | str) -> list[tuple[int, str, str]]:
+    """(listing row, path, reason) of every input a store rejected."""
+    with h5py.File(path, "r") as f:
+        rej = f["rejects"]
+        return [(int(i), p, r) for i, p, r in zip(rej["index"][()], rej["paths"].asstr()[()],
+                                                  rej["reasons"].asstr()[()])]
 
 
 def open_store(path: Path | str, *, cache_bytes: int = 64 * 2**20) -> h5py.File:

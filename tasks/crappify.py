@@ -25,9 +25,9 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from storage.hdf5 import ShardWriter, join_shards, open_store
-from storage.stage import StageDir, stage_dir
+from storage.stage import StageDir, open_stage, stage_dir
 from storage.tiers import Tiers
-from tasks.shards import map_shards
+from tasks.shards import map_shards, shards_by_split
 
 log = logging.getLogger(__name__)
 
@@ -186,8 +186,6 @@ def crappify_shard(spec: CrappifyShard, config: CrappifyConfig, *, workers: int 
 
 
 def crappify_stage(tiers: Tiers, *, resize_dir: Path | str, config: CrappifyConfig) -> StageDir:
-    from storage.stage import open_stage
-
     source = open_stage(resize_dir)
     return stage_dir(tiers, "fast", "crappify",
                      {"version": CRAPPIFY_VERSION, "source": source.key, **asdict(config)})
@@ -210,8 +208,7 @@ def join_crappified(stage: StageDir, specs: Sequence[CrappifyShard], config: Cra
     if stage.is_complete:
         return stage
     counts = {}
-    for split in sorted({s.split for s in specs}):
-        mine = sorted((s for s in specs if s.split == split), key=lambda s: s.shard)
+    for split, mine in shards_by_split(specs).items():
         out = stage.path / f"{split}.h5"
         join_shards([Path(s.out_path) for s in mine], out,
                     attrs={"crappifier": config.crappifier, "size": config.size, "seed": config.seed,

@@ -32,12 +32,19 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from storage.atomic import atomic_write_text
-from storage.hdf5 import COMPRESSIONS, DEFAULT_CHUNK_IMAGES, ShardWriter, join_shards, read_shard_summary
+from storage.hdf5 import (
+    COMPRESSIONS,
+    DEFAULT_CHUNK_IMAGES,
+    ShardWriter,
+    join_shards,
+    read_shard_summary,
+    read_store_rejects,
+)
 from storage.stage import StageDir, open_stage, stage_dir
 from storage.tiers import Tiers
 from tasks.imaging import imaging_backend
 from tasks.listing import read_split
-from tasks.shards import map_shards
+from tasks.shards import map_shards, shards_by_split
 
 log = logging.getLogger(__name__)
 
@@ -224,33 +231,21 @@ def join_stage(stage: StageDir, specs: Sequence[ShardSpec], config: ResizeConfig
     attrs = store_attrs(config, listing_dir)
     totals: dict[str, dict[str, int]] = {}
     reject_rows = []
-    for split in sorted({s.split for s in specs}):
-        shards = [Path(s.out_path) for s in sorted(specs, key=lambda s: s.shard) if s.split == split]
-        missing = [str(p) for p in shards if not p.is_file()]
-        if missing:
-            raise FileNotFoundError(f"cannot join {split}: {len(missing)} shard(s) missing, e.g. {missing[0]}")
-        counts = join_shards(shards, stage.path / f"{split}.h5", attrs={**attrs, "split": split})
+    for split, mine in shards_by_split(specs).items():
+        counts = join_shards([Path(s.out_path) for s in mine], stage.path / f"{split}.h5",
+                             attrs={**attrs, "split": split})
         inputs = len(_cached_split(listing_dir, split).paths)
         if counts["written"] + counts["rejected"] != inputs:
             raise RuntimeError(f"{split}: {inputs} inputs but {counts['written']} written + "
                                f"{counts['rejected']} rejected")
         totals[split] = {"inputs": inputs, **counts}
-        reject_rows += _read_rejects(stage.path / f"{split}.h5", split)
+        reject_rows += [(split, *r) for r in read_store_rejects(stage.path / f"{split}.h5")]
     atomic_write_text(stage.path / "rejects.tsv",
                       "split\tindex\tpath\treason\n" + "".join("\t".join(map(str, r)) + "\n" for r in reject_rows))
     stage.complete(counts=totals, rejects=len(reject_rows), **{k: v for k, v in attrs.items() if k != "size"},
                    stores={split: f"{split}.h5" for split in totals})
     log.info("resize: %s -> %s", totals, stage.path)
     return stage
-
-
-def _read_rejects(store: Path, split: str) -> list[tuple[str, int, str, str]]:
-    import h5py
-
-    with h5py.File(store, "r") as f:
-        rej = f["rejects"]
-        return [(split, int(i), p, r) for i, p, r in zip(rej["index"][()], rej["paths"].asstr()[()],
-                                                         rej["reasons"].asstr()[()])]
 
 
 def read_rejects(stage_path: str | Path) -> list[dict[str, str]]:

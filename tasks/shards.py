@@ -41,3 +41,11 @@ def map_shards(fn: Callable[..., dict[str, Any]], specs: Sequence[S], *, cores: 
     # spawn, not fork: the parent may hold threads (Prefect's) and h5py state that a fork would copy
     with ProcessPoolExecutor(max_workers=processes, mp_context=multiprocessing.get_context("spawn")) as own:
         return list(own.map(run, specs))
+
+
+def shards_by_split(specs: Sequence[S]) -> dict[str, list[S]]:
+    """Shard specs (with ``split`` and ``shard`` fields) grouped by split, each in shard order."""
+    groups: dict[str, list[S]] = {}
+    for spec in sorted(specs, key=lambda s: (s.split, s.shard)):
+        groups.setdefault(spec.split, []).append(spec)
+    return groups

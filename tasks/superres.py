@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import base64
 import io
-import json
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -26,8 +25,7 @@ SUPERRES_VERSION = 1
 
 
 def superres_stage(tiers: Tiers, *, crappify_dir: str, config: SuperResConfig) -> StageDir:
-    params = {"version": SUPERRES_VERSION, "pairs": open_stage(crappify_dir).key,
-              "config": json.loads(json.dumps(asdict(config), default=str))}
+    params = {"version": SUPERRES_VERSION, "pairs": open_stage(crappify_dir).key, "config": asdict(config)}
     return stage_dir(tiers, "fast", "superres", params)
 
 

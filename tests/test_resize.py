@@ -196,3 +196,13 @@ def test_several_shards_run_in_separate_processes(sample_root, tiers):
     workers = {r["worker"] for r in results}
     assert len(workers) == 2 and not any(w.endswith(f":{os.getpid()}") for w in workers)
     assert sum(r["written"] + r["rejected"] for r in results) == len(read_split(listing.path, "train").paths)
+
+
+def test_joining_with_a_missing_shard_names_it(tmp_path):
+    from storage.hdf5 import ShardWriter, join_shards
+
+    with ShardWriter(tmp_path / "a.h5", size=8) as w:
+        w.add(np.zeros((8, 8, 3), np.uint8), 0, 0, "x.JPEG")
+    with pytest.raises(FileNotFoundError, match=r"cannot join train.h5: 1 shard\(s\) missing, e.g. .*b.h5"):
+        join_shards([tmp_path / "a.h5", tmp_path / "b.h5"], tmp_path / "train.h5")
+    assert not (tmp_path / "train.h5").exists()
