@@ -2,6 +2,7 @@
 
 import asyncio
 import shutil
+import time
 from pathlib import Path
 
 import h5py
@@ -32,7 +33,13 @@ def _task_states(flow_run_id):
                 states.setdefault(run.name.rsplit("-", 1)[0], []).append(run.state.name)
             return {name: sorted(v) for name, v in states.items()}
 
-    return asyncio.run(read())
+    # Prefect 3 records task-run states asynchronously: a just-finished run can still read as Pending
+    for _ in range(40):
+        states = asyncio.run(read())
+        if not any(s in ("Pending", "Scheduled", "Running") for v in states.values() for s in v):
+            break
+        time.sleep(0.25)
+    return states
 
 
 @pytest.fixture
