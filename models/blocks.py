@@ -93,3 +93,20 @@ class SigmoidRange(nn.Module):
 
     def forward(self, x):
         return torch.sigmoid(x) * (self.high - self.low) + self.low
+
+
+class ConcatPool(nn.Module):
+    """Average and max pooling side by side: (B, C, H, W) -> (B, 2C) (fastai's AdaptiveConcatPool2d)."""
+
+    def forward(self, x):
+        return torch.cat([x.mean(dim=(2, 3)), x.amax(dim=(2, 3))], dim=1)
+
+
+class LinearBlock(nn.Sequential):
+    """BatchNorm -> Dropout -> Linear (-> ReLU): one layer of a classifier/regression head."""
+
+    def __init__(self, ni: int, nf: int, *, dropout: float = 0.0, act: bool = True):
+        layers: list[nn.Module] = [nn.BatchNorm1d(ni), nn.Dropout(dropout), nn.Linear(ni, nf)]
+        if act:
+            layers.append(nn.ReLU(inplace=True))
+        super().__init__(*layers)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 import multiprocessing
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -28,6 +28,10 @@ class ChunkShuffleStream(IterableDataset):
     """Yields ``(images uint8 (B, S, S, 3), labels int64 (B,))`` batches from ``store``, or with
     ``target_store`` (aligned, e.g. crappified -> original) ``(images, target images uint8)``.
 
+    ``x_key`` names the dataset to read (``images``, or ``features`` of a precomputed-activations
+    store). ``keep_labels``: only rows with these labels are read (e.g. DeViSE trains without the
+    classes held out for zero-shot); batches stay full-sized.
+
     ``block_images`` rows are read per HDF5 read (default: one storage chunk); ``buffer_blocks``
     blocks are shuffled together (default 16: 1,024 images, 150 MB per worker at S=224). ``subset`` in (0, 1] keeps the first fraction of the store (a
     random subset, as the store is shuffled). Call ``set_epoch`` before each epoch; epochs with
@@ -37,25 +41,30 @@ class ChunkShuffleStream(IterableDataset):
     def __init__(self, store: str | Path, batch_size: int, *, target_store: str | Path | None = None,
                  block_images: int | None = None,
                  buffer_blocks: int = 16, subset: float = 1.0, seed: int = 0, shuffle: bool = True,
-                 drop_last: bool = False):
+                 drop_last: bool = False, x_key: str = "images", keep_labels: Sequence[int] | None = None):
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         if not 0 < subset <= 1:
             raise ValueError(f"subset must be a fraction in (0, 1], got {subset}")
         if buffer_blocks < 1:
             raise ValueError(f"buffer_blocks must be >= 1, got {buffer_blocks}")
+        if keep_labels is not None and target_store:
+            raise ValueError("keep_labels filters by class label; a target_store pairs images instead")
         self.store, self.batch_size = str(store), batch_size
         self.target_store = str(target_store) if target_store else None
         self.buffer_blocks, self.subset, self.seed = buffer_blocks, subset, seed
-        self.shuffle, self.drop_last = shuffle, drop_last
+        self.shuffle, self.drop_last, self.x_key = shuffle, drop_last, x_key
         # in shared memory: persistent loader workers see set_epoch() without being restarted
         self._epoch = torch.zeros((), dtype=torch.int64).share_memory_()
         with open_store(self.store) as f:  # read the shape, then close: no handle crosses a fork
-            images = f["images"]
+            if x_key not in f:
+                raise KeyError(f"{self.store} has no dataset {x_key!r}; it has {sorted(f)}")
+            images = f[x_key]
             self.n_total = images.shape[0]
             self.image_shape = images.shape[1:]
             # a joined store is a virtual dataset (no chunks of its own): its shards use the default
             chunk = images.chunks[0] if images.chunks else DEFAULT_CHUNK_IMAGES
+            labels = f["labels"][:] if keep_labels is not None else None
         if self.target_store:
             with open_store(self.target_store) as t:
                 if t["images"].shape[0] != self.n_total:
@@ -63,6 +72,12 @@ class ChunkShuffleStream(IterableDataset):
                                      f"holds {self.n_total}: pairs need aligned stores")
         self.block_images = block_images or chunk
         self.n = max(1, round(self.n_total * subset)) if self.n_total else 0
+        self._keep = None  # (max label + 1,) bool, indexed by label
+        self.n_kept = self.n
+        if keep_labels is not None:
+            self._keep = np.zeros(max([int(labels.max()) if len(labels) else 0, *keep_labels]) + 1, bool)
+            self._keep[list(keep_labels)] = True
+            self.n_kept = int(self._keep[labels[:self.n]].sum())
         self._file = self._target = None
         self._pid = None
 
@@ -75,7 +90,8 @@ class ChunkShuffleStream(IterableDataset):
 
     def __len__(self) -> int:
         """Batches per epoch (with several workers, each worker's last batch may be partial)."""
-        return self.n // self.batch_size if self.drop_last else math.ceil(self.n / self.batch_size)
+        n = self.n_kept
+        return n // self.batch_size if self.drop_last else math.ceil(n / self.batch_size)
 
     def __getstate__(self) -> dict:
         state = self.__dict__.copy()
@@ -100,17 +116,20 @@ class ChunkShuffleStream(IterableDataset):
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         f = self._open()
         # targets: class labels, or the aligned images of the target store (low -> high pairs)
-        images, labels = f["images"], (self._target["images"] if self._target is not None else f["labels"])
+        images, labels = f[self.x_key], (self._target["images"] if self._target is not None else f["labels"])
         info = get_worker_info()
         rng = np.random.default_rng([self.seed, self.epoch, 1 + (info.id if info else 0)])
         blocks = self._my_blocks()
-        carry_x = np.empty((0, *self.image_shape), np.uint8)
+        carry_x = np.empty((0, *self.image_shape), images.dtype)
         carry_y = np.empty((0, *labels.shape[1:]), labels.dtype if self._target is not None else np.int64)
         for start in range(0, len(blocks), self.buffer_blocks):
             group = blocks[start:start + self.buffer_blocks]
-            xs = [carry_x, *(images[a:b] for a, b in group)]  # contiguous reads
-            ys = [carry_y, *(labels[a:b].astype(carry_y.dtype) for a, b in group)]
-            x, y = np.concatenate(xs), np.concatenate(ys)
+            x = np.concatenate([images[a:b] for a, b in group])  # contiguous reads
+            y = np.concatenate([labels[a:b] for a, b in group]).astype(carry_y.dtype)
+            if self._keep is not None:
+                kept = self._keep[y]
+                x, y = x[kept], y[kept]
+            x, y = np.concatenate([carry_x, x]), np.concatenate([carry_y, y])
             if self.shuffle:
                 perm = rng.permutation(len(x))
                 x, y = x[perm], y[perm]

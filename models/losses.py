@@ -72,3 +72,19 @@ def pixel_mse(prediction: torch.Tensor, target: torch.Tensor) -> dict[str, torch
     """Plain pixel MSE (the GAN generator's pretraining loss)."""
     loss = F.mse_loss(prediction, target)
     return {"loss": loss, "pixel_mse": loss}
+
+
+def cosine_loss(prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """1 - cosine similarity, averaged over the batch (DeViSE: the target is a unit word vector)."""
+    return (1 - F.cosine_similarity(prediction.float(), target.float(), dim=1)).mean()
+
+
+class LabelVectorLoss(nn.Module):
+    """Cosine loss to the word vector of each row's class label: ``vectors`` (classes, d)."""
+
+    def __init__(self, vectors: torch.Tensor):
+        super().__init__()
+        self.register_buffer("vectors", torch.as_tensor(vectors, dtype=torch.float32))
+
+    def forward(self, prediction: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return cosine_loss(prediction, self.vectors[labels])

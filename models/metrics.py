@@ -33,3 +33,16 @@ def ssim(x: torch.Tensor, y: torch.Tensor, *, window: int = 11, sigma: float = 1
     c1, c2 = 0.01**2, 0.03**2
     s = ((2 * mx * my + c1) * (2 * cov + c2)) / ((mx**2 + my**2 + c1) * (vx + vy + c2))
     return s.flatten(1).mean(dim=1)
+
+
+def hit_at_k(scores: torch.Tensor, truth: torch.Tensor, ks=(1, 2, 5, 10, 20)) -> dict[int, float]:
+    """Flat hit@k: the share of rows whose true column is among the ``k`` highest scores.
+
+    ``scores`` (N, C), ``truth`` (N,) column indices. Ties count against the truth (strictly
+    higher scores rank above it).
+    """
+    if len(truth) == 0:
+        raise ValueError("hit@k of no rows")
+    true_scores = scores.gather(1, truth[:, None])  # (N, 1)
+    rank = (scores > true_scores).sum(dim=1)  # 0 = the true class is first
+    return {k: float((rank < k).float().mean()) for k in ks}

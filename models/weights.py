@@ -42,3 +42,16 @@ def load_pretrained(module: nn.Module, weights) -> bool:
     module.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
     log.info("loaded pretrained weights from %s", path)
     return True
+
+
+def load_any_pretrained(module: nn.Module, weights_enum) -> bool:
+    """Load the first locally present member of a torchvision weights enum (its DEFAULT first).
+
+    E.g. ResNet-50 has IMAGENET1K_V1 (``resnet50-0676ba61.pth``) and V2 (``resnet50-11ad3fa6.pth``):
+    either file works. Warns loudly, naming the DEFAULT file, when none is present.
+    """
+    members = [weights_enum.DEFAULT, *(w for w in weights_enum if w is not weights_enum.DEFAULT)]
+    for weights in members:
+        if weight_file(weights.url) is not None:
+            return load_pretrained(module, weights)
+    return load_pretrained(module, weights_enum.DEFAULT)

@@ -171,19 +171,23 @@ class WordTable:
             raise KeyError(f"no word of {text!r} is in the vocabulary of {self.manifest['vectors_file']}")
         return _unit(np.mean([self.words[p] for p in known], axis=0))
 
+    def vocabulary(self, name: str) -> tuple[list[str], np.ndarray]:
+        """(wnids, unit vectors (N, d)) of ``imagenet`` (the matched 1k classes) or ``wordnet`` (all matched nouns)."""
+        if name not in VOCABULARIES:
+            raise ValueError(f"unknown vocabulary {name!r}; choose one of {list(VOCABULARIES)}")
+        return self._keys[name], self._matrix[name]
+
     def nearest_words(self, vectors: np.ndarray, k: int = 5, vocabulary: str = "imagenet"):
         """Top-``k`` synsets by cosine for one vector (``(d,)`` -> list) or a batch (``(B, d)`` -> list of lists).
 
         Each hit is ``(wnid, words, cosine)``. Brute force on a float32 matrix: 82k x d is small.
         """
-        if vocabulary not in VOCABULARIES:
-            raise ValueError(f"unknown vocabulary {vocabulary!r}; choose one of {list(VOCABULARIES)}")
+        keys, matrix = self.vocabulary(vocabulary)
         v = np.asarray(vectors, dtype=np.float32)
         single = v.ndim == 1
         q = _unit(v[None] if single else v)
         if q.shape[1] != self.dims:
             raise ValueError(f"query vectors have {q.shape[1]} dims; this table has {self.dims}")
-        keys, matrix = self._keys[vocabulary], self._matrix[vocabulary]
         k = min(k, len(keys))
         scores = q @ matrix.T  # (B, N)
         top = np.argpartition(-scores, k - 1, axis=1)[:, :k]
