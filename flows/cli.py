@@ -144,6 +144,45 @@ def _cmd_enhance(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_devise(args: argparse.Namespace) -> int:
+    from flows.devise import devise
+    from storage.stage import open_stage
+    from tasks.devise import format_hits
+
+    outputs = devise(source=args.source, size=args.size, backbone=args.backbone, pretrained=not args.no_pretrained,
+                     epochs=args.epochs, batch_size=args.batch_size, finetune_epochs=args.finetune_epochs,
+                     zero_shot=args.zero_shot, word_vectors=args.word_vectors, ann_above=args.ann_above,
+                     seed=args.seed, refresh=args.refresh)
+    model_dir = outputs.get("devise-finetune", outputs["devise"])
+    print(format_hits(open_stage(model_dir).manifest()["metrics"]))
+    print(f"model: {model_dir}\nsearch index: {outputs['devise-index']}")
+    return 0
+
+
+def _cmd_search(args: argparse.Namespace) -> int:
+    from tasks.devise import DeviseSearch
+
+    search = DeviseSearch(args.index or _latest_stage("devise-index"))
+    try:
+        if args.text:
+            hits = search.images_for_text(args.text, k=args.k)
+            print(f"images nearest to {args.text!r}:")
+        else:
+            vector = search.embed_image(args.image)
+            for vocabulary in ("imagenet", "wordnet"):
+                print(f"nearest {'ImageNet classes' if vocabulary == 'imagenet' else 'WordNet nouns'} to {args.image}:")
+                for wnid, words, score in search.table.nearest_words(vector, k=args.k, vocabulary=vocabulary):
+                    print(f"  {score:.3f}  {wnid}  {words}")
+            hits = search.images_for_vector(vector, k=args.k)
+            print(f"nearest images to {args.image}:")
+    except KeyError as e:
+        print(f"error: {e.args[0]}", file=sys.stderr)
+        return 2
+    for hit in hits:
+        print(f"  {hit.score:.3f}  {hit.wnid}  {search.table.names.get(hit.wnid, '?'):<20}  {hit.path}")
+    return 0
+
+
 def _cmd_server(args: argparse.Namespace) -> int:
     from flows.server import api_url, is_healthy, start_server, stop_server
 
@@ -229,6 +268,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("output")
     p.add_argument("--tile", type=int, default=256, help="tile side in input pixels (bounds memory)")
     p.set_defaults(func=_cmd_enhance)
+
+    p = sub.add_parser("devise", help="train DeViSE (images -> word vectors) and build its search index")
+    p.add_argument("--source", help="ImageNet-layout folder (default: the bundled sample)")
+    p.add_argument("--size", type=int, default=224, help="square side of the image store")
+    p.add_argument("--backbone", default="resnet50", help="torchvision CNN, e.g. resnet18, resnet50, convnext_tiny")
+    p.add_argument("--no-pretrained", action="store_true", help="train the backbone from scratch (no local weights)")
+    p.add_argument("--epochs", type=int, default=10, help="head epochs (1cycle) on precomputed features")
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--finetune-epochs", type=int, default=0, help="then fine-tune body + head end to end")
+    p.add_argument("--zero-shot", nargs="+", metavar="WNID",
+                   help="classes held out of training (default: the classes outside ImageNet-1k)")
+    p.add_argument("--word-vectors", help="GoogleNews-vectors-negative300.bin or fastText (default: bundled GloVe)")
+    p.add_argument("--ann-above", type=int, default=100_000, help="use an HNSW index above this many images")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--refresh", action="store_true", help="rerun cached tasks")
+    p.set_defaults(func=_cmd_devise)
+
+    p = sub.add_parser("search", help="DeViSE search: text -> images, or image -> words and images")
+    what = p.add_mutually_exclusive_group(required=True)
+    what.add_argument("--text", help='words to find images of, e.g. "jumbo jet"')
+    what.add_argument("--image", help="an image file to name and find similar images to")
+    p.add_argument("-k", type=int, default=10)
+    p.add_argument("--index", help="a devise-index stage directory (default: the newest on the fast tier)")
+    p.set_defaults(func=_cmd_search)
 
     p = sub.add_parser("server", help="manage the local Prefect server (127.0.0.1, PREFECT_HOME=.prefect)")
     p.add_argument("action", choices=["start", "stop", "status"])

@@ -38,11 +38,11 @@ def ssim(x: torch.Tensor, y: torch.Tensor, *, window: int = 11, sigma: float = 1
 def hit_at_k(scores: torch.Tensor, truth: torch.Tensor, ks=(1, 2, 5, 10, 20)) -> dict[int, float]:
     """Flat hit@k: the share of rows whose true column is among the ``k`` highest scores.
 
-    ``scores`` (N, C), ``truth`` (N,) column indices. Ties count against the truth (strictly
-    higher scores rank above it).
+    ``scores`` (N, C), ``truth`` (N,) column indices. Ties count against the truth: a column
+    scoring the same ranks above it (no credit for a constant model).
     """
     if len(truth) == 0:
         raise ValueError("hit@k of no rows")
     true_scores = scores.gather(1, truth[:, None])  # (N, 1)
-    rank = (scores > true_scores).sum(dim=1)  # 0 = the true class is first
+    rank = (scores >= true_scores).sum(dim=1) - 1  # 0 = the true class alone is first
     return {k: float((rank < k).float().mean()) for k in ks}

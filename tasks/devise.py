@@ -369,6 +369,17 @@ def evaluate_devise(embeddings: dict[str, tuple[np.ndarray, np.ndarray]], plan: 
     return rows
 
 
+def format_hits(rows: list[dict[str, Any]]) -> str:
+    """The hit@k table as aligned text (CLI, benchmarks)."""
+    ks = [f"hit@{k}" for k in KS]
+    lines = [f"{'model':<8} {'task':<10} {'candidates':<30} {'images':>6} " + " ".join(f"{k:>7}" for k in ks)]
+    for r in rows:
+        candidates = f"{r['candidates']} ({r['n_candidates']})"
+        lines.append(f"{r['model']:<8} {r['task']:<10} {candidates:<30} {r['images']:>6} "
+                     + " ".join(f"{r[k]:>7.3f}" for k in ks))
+    return "\n".join(lines)
+
+
 # --- the stage -------------------------------------------------------------------------------
 
 

@@ -1,0 +1,64 @@
+"""DeViSE: pipeline (resize + word table) -> features -> head (+ softmax baseline) -> [fine-tune] -> search index."""
+
+from __future__ import annotations
+
+from prefect import flow
+
+from flows.logs import route_stage_logs
+from flows.pipeline import pipeline
+from storage.tiers import Tiers
+from storage.vector_index import DEFAULT_ANN_ABOVE
+from tasks.devise import (
+    FeaturesConfig,
+    FinetuneConfig,
+    HeadConfig,
+    build_index_task,
+    compute_features_task,
+    finetune_devise_task,
+    train_devise_task,
+)
+
+
+@flow(name="imagesmith-devise")
+def devise(
+    source: str | None = None,
+    size: int = 224,
+    backbone: str = "resnet50",
+    pretrained: bool = True,
+    flips: bool = True,
+    epochs: int = 10,
+    lr: float = 1e-2,
+    batch_size: int = 256,
+    hidden: int = 1024,
+    dropout: float = 0.5,
+    zero_shot: list[str] | None = None,
+    finetune_epochs: int = 0,
+    finetune_lr: float = 1e-4,
+    finetune_batch_size: int = 64,
+    word_vectors: str | None = None,
+    ann_above: int = DEFAULT_ANN_ABOVE,
+    seed: int = 0,
+    refresh: bool = False,
+) -> dict[str, object]:
+    """Train DeViSE on ``source`` (default: the bundled sample) and index every image for search.
+
+    The head trains on the frozen ``backbone``'s pooled features (``flips``: mirrored copies too);
+    ``finetune_epochs`` > 0 then trains body and head end to end. ``zero_shot``: wnids held out of
+    training for zero-shot evaluation (default: the classes outside ImageNet-1k). Word vectors
+    come from ``word_vectors`` (Google News / fastText file) or the bundled GloVe 50-d.
+    """
+    route_stage_logs()
+    tiers = Tiers.from_env()
+    head = HeadConfig(epochs=epochs, lr=lr, batch_size=batch_size, hidden=hidden, dropout=dropout,
+                      zero_shot=tuple(zero_shot) if zero_shot is not None else None, seed=seed)  # validates first
+    stages = pipeline(source=source, seed=seed, size=size, words=True, word_vectors=word_vectors, refresh=refresh)
+    features = compute_features_task(stages["resize"], FeaturesConfig(backbone=backbone, pretrained=pretrained,
+                                                                      flips=flips), tiers)
+    model_dir = train_devise_task(features, stages["words"], head, tiers)
+    outputs = {**stages, "devise-features": features, "devise": model_dir}
+    if finetune_epochs:
+        model_dir = finetune_devise_task(model_dir, FinetuneConfig(epochs=finetune_epochs, lr=finetune_lr,
+                                                                   batch_size=finetune_batch_size, seed=seed), tiers)
+        outputs["devise-finetune"] = model_dir
+    outputs["devise-index"] = build_index_task(model_dir, tiers, ann_above)
+    return outputs

@@ -1,0 +1,230 @@
+"""DeViSE on the sample (real photos, real WordNet + GloVe, CPU, a from-scratch ResNet-18 at 48 px).
+
+The numbers are far from the paper's (no pretrained body, 30 images); the tests check the
+mechanics: the loss falls, hit@k beats chance, zero-shot classes never train, search finds a
+class's own images, and the exported model reproduces the stored features.
+"""
+
+import numpy as np
+import pytest
+import torch
+
+from models.data import ChunkShuffleStream, to_float_nchw
+from models.devise import Devise, DeviseConfig, make_body
+from models.losses import LabelVectorLoss, cosine_loss
+from models.metrics import hit_at_k
+from storage.hdf5 import open_store
+from storage.tiers import Tiers
+from storage.vector_index import VectorIndex, brute_force, build_index
+from tasks.devise import (
+    DeviseSearch,
+    FeaturesConfig,
+    FinetuneConfig,
+    HeadConfig,
+    devise_stage,
+    features_stage,
+    finetune_stage,
+    index_stage,
+    load_devise,
+    plan_classes,
+    read_embeddings,
+    run_devise,
+    run_features,
+    run_finetune,
+    run_index,
+    store_classes,
+)
+from tasks.listing import fingerprint_dataset, listing_stage, run_listing
+from tasks.resize import ResizeConfig, resize_stage, run_resize
+
+TABBY, ESPRESSO, MOTORCYCLE, PALACE = "n02123045", "n07920052", "n03790512", "n03877845"
+ZERO_SHOT = (MOTORCYCLE, ESPRESSO)
+
+
+@pytest.fixture(scope="module")
+def run(sample_root, word_table, tmp_path_factory):
+    root = tmp_path_factory.mktemp("devise")
+    tiers = Tiers(fast=root / "fast", bulk=root / "bulk")
+    listing = run_listing(listing_stage(tiers, root=sample_root, fingerprint=fingerprint_dataset(sample_root), seed=0),
+                          root=sample_root, seed=0)
+    rc = ResizeConfig(size=48)
+    resized = run_resize(resize_stage(tiers, listing_dir=listing.path, config=rc), listing_dir=listing.path,
+                         config=rc, cores=1)
+    fc = FeaturesConfig(backbone="resnet18", pretrained=False, flips=True, batch_size=16)
+    features = run_features(features_stage(tiers, resize_dir=resized.path, config=fc), resize_dir=resized.path,
+                            config=fc, device="cpu")
+    hc = HeadConfig(epochs=20, lr=1e-2, batch_size=8, hidden=64, dropout=0.1, zero_shot=ZERO_SHOT)
+    devise = run_devise(devise_stage(tiers, features_dir=features.path, words_dir=word_table.path, config=hc),
+                        features_dir=features.path, words_dir=word_table.path, config=hc, device="cpu")
+    index = run_index(index_stage(tiers, model_dir=devise.path, ann_above=10), model_dir=devise.path, ann_above=10)
+    return {"tiers": tiers, "resize": resized.path, "features": features.path, "devise": devise.path,
+            "index": index.path, "classes": store_classes(resized.path)}
+
+
+def test_body_of_any_torchvision_cnn_feeds_the_head():
+    for name, channels in (("resnet18", 512), ("mobilenet_v3_small", 576)):
+        model = Devise(DeviseConfig(backbone=name, dims=50, hidden=32, pretrained=False))
+        assert model.features == channels
+        assert model(torch.rand(2, 3, 64, 64)).shape == (2, 50)
+        assert model.pooled(torch.rand(2, 3, 64, 64)).shape == (2, 2 * channels)  # concat pool: avg + max
+
+
+def test_backbone_errors_name_the_bad_value():
+    with pytest.raises(ValueError, match="unknown backbone 'resnet5000'"):
+        make_body("resnet5000", pretrained=False)
+    with pytest.raises(ValueError, match="'vit_b_16' has neither"):
+        make_body("vit_b_16", pretrained=False)
+
+
+def test_missing_backbone_weights_warn_loudly(caplog, tmp_path, monkeypatch):
+    monkeypatch.setenv("IMAGESMITH_WEIGHTS_DIR", str(tmp_path))
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    _, _, loaded = make_body("resnet18", pretrained=True)
+    assert not loaded
+    assert "FROM SCRATCH" in caplog.text and "resnet18-" in caplog.text
+
+
+def test_cosine_loss_is_one_minus_cosine():
+    a = torch.tensor([[1.0, 0.0], [1.0, 0.0], [1.0, 0.0]])
+    b = torch.tensor([[2.0, 0.0], [0.0, 3.0], [-1.0, 0.0]])
+    assert cosine_loss(a[:1], b[:1]).item() == pytest.approx(0.0)
+    assert cosine_loss(a[1:2], b[1:2]).item() == pytest.approx(1.0)
+    assert cosine_loss(a, b).item() == pytest.approx((0 + 1 + 2) / 3)
+    loss = LabelVectorLoss(torch.tensor([[0.0, 1.0], [1.0, 0.0]]))
+    assert loss(torch.tensor([[5.0, 0.0]]), torch.tensor([1])).item() == pytest.approx(0.0)
+
+
+def test_hit_at_k_ranks_ties_against_the_truth():
+    scores = torch.tensor([[0.9, 0.5, 0.1], [0.2, 0.2, 0.6], [0.1, 0.3, 0.8]])
+    hits = hit_at_k(scores, torch.tensor([0, 1, 0]), ks=(1, 2, 3))
+    assert hits == {1: pytest.approx(1 / 3), 2: pytest.approx(1 / 3), 3: pytest.approx(1.0)}
+
+
+def test_stream_keeps_only_the_requested_classes_in_full_batches(run):
+    store = run["resize"] / "train.h5"
+    with open_store(store) as f:
+        labels = f["labels"][:]
+    keep = sorted(set(labels.tolist()))[:3]
+    stream = ChunkShuffleStream(store, 4, keep_labels=keep, drop_last=True, block_images=8, buffer_blocks=1)
+    assert stream.n_kept == int(np.isin(labels, keep).sum())
+    batches = list(stream)
+    assert len(batches) == len(stream) == stream.n_kept // 4
+    assert all(len(y) == 4 and set(y.tolist()) <= set(keep) for _, y in batches)
+
+
+def test_default_zero_shot_classes_are_those_outside_imagenet_1k(run, word_table):
+    plan = plan_classes(run["classes"], word_table, None)
+    assert [plan.classes[i] for i in plan.zero_shot] == [MOTORCYCLE]
+    assert len(plan.trained) == len(run["classes"]) - 1 and not plan.no_vector
+    with pytest.raises(ValueError, match="n99999999"):
+        plan_classes(run["classes"], word_table, ["n99999999"])
+
+
+def test_features_hold_both_views_and_the_export_reproduces_them(run):
+    with open_store(run["features"] / "val.h5") as f, open_store(run["resize"] / "val.h5") as r:
+        feats, labels = f["features"][:], f["labels"][:]
+        images, store_labels = r["images"][:2], r["labels"][:]
+    assert feats.shape == (len(store_labels), 2, 1024) and feats.dtype == np.float16
+    np.testing.assert_array_equal(labels, store_labels)
+    assert not np.allclose(feats[:, 0], feats[:, 1])  # the flipped view is a different input
+    model, meta = load_devise(run["devise"])
+    assert meta["image_size"] == 48 and meta["classes"] == run["classes"]
+    with torch.no_grad():
+        pooled = model.eval().pooled(to_float_nchw(torch.from_numpy(images), "cpu")).numpy()
+    np.testing.assert_allclose(pooled, feats[:2, 0].astype(np.float32), rtol=2e-2, atol=2e-2)
+
+
+def test_head_learns_and_beats_chance_next_to_the_softmax_baseline(run):
+    from storage.stage import open_stage
+
+    m = open_stage(run["devise"]).manifest()
+    history = __import__("json").loads((run["devise"] / "metrics.json").read_text())["history"]
+    assert history[-1]["loss"] < 0.75 * history[0]["loss"]
+    rows = {(r["model"], r["task"], r["candidates"]): r for r in m["metrics"]}
+    flat = rows["devise", "flat", "imagenet-1k + trained"]
+    assert flat["n_candidates"] >= 985 and flat["images"] > 0
+    assert flat["hit@5"] > 10 * 5 / flat["n_candidates"]  # far above chance
+    assert [flat[f"hit@{k}"] for k in (1, 2, 5, 10, 20)] == sorted(flat[f"hit@{k}"] for k in (1, 2, 5, 10, 20))
+    softmax = rows["softmax", "flat", "trained"]
+    assert softmax["n_candidates"] == 5 and softmax["images"] == flat["images"]
+    assert rows["devise", "zero-shot", "held-out classes"]["n_candidates"] == 2
+    assert rows["devise", "zero-shot", "all WordNet nouns"]["n_candidates"] > 70_000
+    roles = {r["wnid"]: r["role"] for r in m["classes"]}
+    assert roles[MOTORCYCLE] == roles[ESPRESSO] == "zero_shot" and roles[TABBY] == "trained"
+
+
+def test_training_embeddings_land_nearest_their_class_vector(run, word_table):
+    train_vectors, train_labels = read_embeddings(run["devise"] / "embeddings.h5")["train"]
+    plan = plan_classes(run["classes"], word_table, ZERO_SHOT)
+    trained = np.isin(train_labels, plan.trained)
+    matrix = np.stack([word_table.vector(run["classes"][i]) for i in plan.trained])
+    nearest = np.array(plan.trained)[(train_vectors[trained] @ matrix.T).argmax(axis=1)]
+    assert (nearest == train_labels[trained]).mean() > 0.8
+
+
+def test_text_search_finds_the_class_images(run, word_table):
+    search = DeviseSearch(run["index"])
+    trained = [w for w in run["classes"] if w not in ZERO_SHOT]
+    for wnid in trained:  # e.g. "tabby", "palace", "missile": the class's own words
+        hits = search.images_for_text(word_table.names[wnid], k=len(search.index))
+        # images of never-trained (zero-shot) classes may land anywhere; among the rest, the class comes first
+        top = [h for h in hits if h.wnid in trained][:3]
+        assert [h.wnid for h in top] == [wnid] * 3, (wnid, [h.wnid for h in hits[:10]])
+        assert all(h.path.endswith(".JPEG") and f"/{wnid}/" in h.path for h in top)
+
+
+def test_image_search_names_its_class_and_finds_its_own_images(run):
+    search = DeviseSearch(run["index"])
+    rows = [r for r in search.images if r[0] == "train" and r[2] == TABBY]
+    own = sum(TABBY in [w for w, _, _ in search.words_for_image(r[3], k=5)] for r in rows)
+    assert own >= len(rows) - 1
+    hits = search.images_for_vector(search.embed_image(rows[0][3]), k=3)
+    assert hits[0].path == rows[0][3] and hits[0].score == pytest.approx(1.0, abs=1e-3)
+    assert sum(h.wnid == TABBY for h in hits) >= 2
+
+
+def test_hnsw_index_agrees_with_brute_force(run, word_table, tmp_path):
+    from storage.stage import open_stage
+
+    assert open_stage(run["index"]).manifest()["kind"] == "hnsw"  # ann_above=10 < the sample's images
+    # real vectors: every matched WordNet noun
+    _, nouns = word_table.vocabulary("wordnet")
+    facts = build_index(tmp_path, nouns[:20_000], ann_above=1_000, recall_queries=300)
+    assert facts["kind"] == "hnsw" and facts["recall_at_10"] >= 0.95
+    index = VectorIndex(tmp_path)
+    queries = np.asarray(nouns[20_000:20_200])
+    _, approx = index.search(queries, 10)
+    exact_scores, exact = index.search(queries, 10, exact=True)
+    # many nouns share one vector (same lemma): compare scores, as ties may come in any order
+    np.testing.assert_allclose(exact_scores, brute_force(np.asarray(nouns[:20_000]), queries, 10)[0], atol=1e-5)
+    assert np.mean([len(set(a) & set(e)) / 10 for a, e in zip(approx.tolist(), exact.tolist())]) >= 0.95
+    small = build_index(tmp_path / "small", nouns[:500], ann_above=1_000)
+    assert small["kind"] == "brute_force" and not (tmp_path / "small" / "hnsw.faiss").exists()
+
+
+def test_finetune_trains_end_to_end_from_the_fast_path_model(run):
+    config = FinetuneConfig(epochs=2, lr=1e-4, batch_size=8, num_workers=0)
+    stage = run_finetune(finetune_stage(run["tiers"], devise_dir=run["devise"], config=config),
+                         devise_dir=run["devise"], config=config, device="cpu")
+    m = stage.manifest()
+    assert m["mode"] == "finetune" and np.isfinite(m["final_loss"])
+    embeddings = read_embeddings(stage.path / "embeddings.h5")
+    assert set(embeddings) == {"train", "val"}
+    before, _ = read_embeddings(run["devise"] / "embeddings.h5")["val"]
+    after, _ = embeddings["val"]
+    assert before.shape == after.shape and not np.allclose(before, after)  # the body moved
+    assert {r["model"] for r in m["metrics"]} == {"devise"}
+
+
+def test_search_command_prints_images_and_words(run, capsys):
+    from flows.cli import main
+
+    assert main(["search", "--text", "palace", "-k", "2", "--index", str(run["index"])]) == 0
+    out = capsys.readouterr().out
+    assert out.count(f"{PALACE}  palace ") == 2 and "images nearest to 'palace'" in out
+    image = next(r[3] for r in DeviseSearch(run["index"]).images if r[2] == TABBY)
+    assert main(["search", "--image", image, "-k", "3", "--index", str(run["index"])]) == 0
+    out = capsys.readouterr().out
+    assert "nearest ImageNet classes" in out and "nearest WordNet nouns" in out and image in out
+    assert main(["search", "--text", "qwxzzy", "--index", str(run["index"])]) == 2
+    assert "qwxzzy" in capsys.readouterr().err
