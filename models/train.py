@@ -154,7 +154,7 @@ def train(model: nn.Module, optimizer: torch.optim.Optimizer, schedule: PhaseSch
 
     def checkpoint() -> None:
         save_checkpoint(ckpt, model=model.state_dict(), optimizer=optimizer.state_dict(), step=step,
-                        epoch=step // schedule.steps_per_epoch, rng=_rng_state(), epoch_sums=dict(sums),
+                        epoch=step // schedule.steps_per_epoch, rng=_rng_state(), epoch_sums={k: float(v) for k, v in sums.items()},
                         epoch_seen=seen, history=history, config={**asdict(config), "checkpoint_dir": str(ckpt.parent)})
 
     with _tensorboard(config.tensorboard_dir, step) as writer:
@@ -186,8 +186,8 @@ def train(model: nn.Module, optimizer: torch.optim.Optimizer, schedule: PhaseSch
                 step += 1
                 taken += 1
                 seen += len(x)
-                for name, value in terms.items():
-                    sums[name] += float(value.detach()) * len(x)
+                for name, value in terms.items():  # summed on the device: no host sync per step
+                    sums[name] = sums[name] + value.detach().double() * len(x)
                 if writer is not None:
                     writer.add_scalar("train/loss", float(terms["loss"].detach()), step)
                     writer.add_scalar("train/lr", lr, step)
@@ -202,7 +202,7 @@ def train(model: nn.Module, optimizer: torch.optim.Optimizer, schedule: PhaseSch
             if skip + taken < spe:
                 raise ValueError(f"epoch {epoch} gave {skip + taken} batches; the schedule expects {spe} per epoch")
             record = {"epoch": epoch, "phase": phase_index, "lr": lr, "step": step,
-                      **{name: total / max(seen, 1) for name, total in sums.items()},
+                      **{name: float(total) / max(seen, 1) for name, total in sums.items()},
                       "seconds": round(time.perf_counter() - start, 3)}
             if evaluate is not None:
                 model.eval()

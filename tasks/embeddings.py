@@ -25,6 +25,7 @@ from gensim.models import KeyedVectors
 from storage.atomic import atomic_write_text
 from storage.stage import StageDir, open_stage, stage_dir
 from storage.tiers import Tiers
+from storage.vector_index import brute_force, unit_rows
 from storage.wordvec import check_vector_path, load_vectors, lowercase_vocabulary, write_glove_word2vec
 from tasks.wordnet import imagenet_wnids, open_wordnet, wnid
 
@@ -71,12 +72,6 @@ def match_synset(lemmas: Sequence[str], words: KeyedVectors) -> tuple[np.ndarray
     return None, "unmatched", ""
 
 
-def _unit(m: np.ndarray) -> np.ndarray:
-    m = np.asarray(m, dtype=np.float32)
-    norms = np.linalg.norm(m, axis=-1, keepdims=True)
-    return m / np.where(norms == 0, 1, norms)
-
-
 def embedding_stage(tiers: Tiers, *, vectors: Path | str, wordnet: Path | str, max_words: int) -> StageDir:
     vec = source_file(vectors)
     params = {"version": EMBED_VERSION, "vectors": str(vec), "vectors_size": vec.stat().st_size,
@@ -113,7 +108,7 @@ def run_embeddings(stage: StageDir, *, vectors: Path | str, wordnet: Path | str,
     if missing_1k:
         raise ValueError(f"{len(missing_1k)} ImageNet-1k wnids are not WordNet 3.0 nouns, e.g. {missing_1k[:3]}")
     table = KeyedVectors(vector_size=words.vector_size)
-    table.add_vectors(keys, _unit(np.stack(vecs)))
+    table.add_vectors(keys, unit_rows(np.stack(vecs)))
     # gensim writes big arrays beside the file (<name>.vectors.npy, memory-mappable), named after
     # it, so these are saved under their final names: the manifest, written last, marks completion
     table.save(str(stage.path / "word_table.kv"))
@@ -164,12 +159,12 @@ class WordTable:
         """A unit vector for free text: the phrase as one token when known, else the mean of its known words."""
         phrase = "_".join(_WORD_SPLIT.split(text.strip().lower()))
         if phrase in self.words.key_to_index:
-            return _unit(self.words[phrase])
+            return unit_rows(self.words[phrase])
         parts = [p for p in phrase.split("_") if p]
         known = [p for p in parts if p in self.words.key_to_index]
         if not known:
             raise KeyError(f"no word of {text!r} is in the vocabulary of {self.manifest['vectors_file']}")
-        return _unit(np.mean([self.words[p] for p in known], axis=0))
+        return unit_rows(np.mean([self.words[p] for p in known], axis=0))
 
     def vocabulary(self, name: str) -> tuple[list[str], np.ndarray]:
         """(wnids, unit vectors (N, d)) of ``imagenet`` (the matched 1k classes) or ``wordnet`` (all matched nouns)."""
@@ -185,16 +180,12 @@ class WordTable:
         keys, matrix = self.vocabulary(vocabulary)
         v = np.asarray(vectors, dtype=np.float32)
         single = v.ndim == 1
-        q = _unit(v[None] if single else v)
+        q = unit_rows(v[None] if single else v)
         if q.shape[1] != self.dims:
             raise ValueError(f"query vectors have {q.shape[1]} dims; this table has {self.dims}")
-        k = min(k, len(keys))
-        scores = q @ matrix.T  # (B, N)
-        top = np.argpartition(-scores, k - 1, axis=1)[:, :k]
-        hits = []
-        for row, idx in zip(scores, top):
-            idx = idx[np.argsort(-row[idx])]
-            hits.append([(keys[i], self.names[keys[i]], float(row[i])) for i in idx])
+        scores, ids = brute_force(matrix, q, k)
+        hits = [[(keys[i], self.names[keys[i]], float(s)) for s, i in zip(row_s, row_i)]
+                for row_s, row_i in zip(scores, ids)]
         return hits[0] if single else hits
 
 

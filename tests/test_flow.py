@@ -1,6 +1,7 @@
 """The pipeline flow against a real Prefect server (one per session, on 127.0.0.1)."""
 
 import asyncio
+import json
 import shutil
 import time
 from pathlib import Path
@@ -163,3 +164,30 @@ def test_superres_flow_trains_evaluates_and_publishes_artifacts(prefect_server, 
     latest = asyncio.run(artifacts())
     assert "data:image/png;base64," in latest["superres-samples"].data
     assert len(__import__("json").loads(latest["superres-epochs"].data)) == 2
+
+
+def test_devise_flow_trains_finetunes_indexes_and_publishes_hits(prefect_server, word_tiers, sample_root, monkeypatch):
+    from prefect.client.orchestration import get_client
+
+    from flows.devise import devise
+    from tasks.devise import DeviseSearch
+
+    # the word table is already built in these tiers (session fixture): the flow finds it done
+    monkeypatch.setenv("IMAGESMITH_FAST_DIR", str(word_tiers.fast))
+    monkeypatch.setenv("IMAGESMITH_BULK_DIR", str(word_tiers.bulk))
+    out = devise(source=str(sample_root), size=32, backbone="resnet18", pretrained=False, epochs=4, batch_size=8,
+                 hidden=32, zero_shot=["n03790512"], finetune_epochs=2, finetune_batch_size=8, ann_above=10)
+    assert {"devise-features", "devise", "devise-finetune", "devise-index"} <= set(out)
+    index = open_stage(out["devise-index"]).manifest()
+    assert index["kind"] == "hnsw" and index["model"].startswith(out["devise-finetune"])
+    assert len(DeviseSearch(out["devise-index"]).images_for_text("palace", k=3)) == 3
+
+    async def artifacts():
+        async with get_client() as client:
+            return {a.key: a for a in await client.read_latest_artifacts()}
+
+    latest = asyncio.run(artifacts())
+    hits = json.loads(latest["devise-hits"].data)
+    assert {(r["model"], r["task"]) for r in hits} == {("devise", "flat"), ("devise", "zero-shot")}  # fine-tuned
+    assert len(json.loads(latest["devise-epochs"].data)) == 4
+    assert len(json.loads(latest["devise-finetune-epochs"].data)) == 2

@@ -1,0 +1,99 @@
+"""What the GPU training benchmarks share: synthetic-content HDF5 stores and a timed run of the
+shared training loop (models/train.py), end to end from the store and with the data already on
+the device (the baseline: the same steps with no loader), in the same process.
+
+Reported: images/s both ways; their ratio, the share of the loader-free speed the loader keeps
+(how busy the accelerator stays); the share of wall time spent waiting for the next batch; peak
+accelerator memory.
+"""
+
+from __future__ import annotations
+
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from models.schedule import Phase, PhaseSchedule
+from models.train import TrainConfig, train
+from storage.hdf5 import ShardWriter
+
+
+def synthetic_store(path: Path, n: int, size: int, *, classes: int = 1000, seed: int = 0) -> Path:
+    """A store of ``n`` random ``size`` x ``size`` images (content is irrelevant to throughput)."""
+    rng = np.random.default_rng(seed)
+    base = rng.integers(0, 256, (64, size, size, 3), dtype=np.uint8)  # 64 distinct images, repeated
+    with ShardWriter(path, size=size) as w:
+        for i in range(n):
+            w.add(base[i % 64], int(rng.integers(classes)), i, f"synthetic/{i}.JPEG")
+    return path
+
+
+@dataclass
+class Timing:
+    images_per_s: float
+    loader_wait_share: float
+    peak_memory_gib: float
+
+
+def timed_training(model: torch.nn.Module, optimizer: torch.optim.Optimizer, loss_fn, batches: Callable,
+                   *, steps: int, warmup: int, batch_size: int, device: torch.device) -> Timing:
+    """Run ``steps`` steps of the shared loop (one epoch, constant lr) over ``batches()``; time the
+    steps after ``warmup``. ``batches()`` yields (x, y) already on ``device``."""
+    cuda = device.type == "cuda"
+    state = {"wait": 0.0, "t0": None, "t1": None}
+
+    def timed(epoch: int, phase: Phase):
+        it = iter(batches())
+        for i in range(steps):
+            if i == warmup:
+                if cuda:
+                    torch.cuda.synchronize()
+                state["t0"] = time.perf_counter()
+                state["wait"] = 0.0
+            t = time.perf_counter()
+            batch = next(it)
+            state["wait"] += time.perf_counter() - t
+            yield batch
+        if cuda:
+            torch.cuda.synchronize()
+        state["t1"] = time.perf_counter()
+
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    with tempfile.TemporaryDirectory() as tmp:
+        config = TrainConfig(checkpoint_dir=Path(tmp), device=str(device), progress=False)
+        train(model, optimizer, PhaseSchedule([Phase(1, 1e-4)], steps), timed, loss_fn, config, resume=False)
+    wall = state["t1"] - state["t0"]
+    peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else float("nan")
+    return Timing((steps - warmup) * batch_size / wall, state["wait"] / wall, peak)
+
+
+def resident(batch: tuple[torch.Tensor, ...], prepare: Callable) -> Callable:
+    """batches() that give the same device-resident batch forever (prepared per step, as the loader's)."""
+
+    def batches():
+        while True:
+            yield prepare(*batch)
+
+    return batches
+
+
+def from_loader(loader, prepare: Callable) -> Callable:
+    def batches():
+        while True:
+            for b in loader:
+                yield prepare(*b)
+
+    return batches
+
+
+def device_info(device: torch.device) -> str:
+    if device.type == "cuda":
+        p = torch.cuda.get_device_properties(device)
+        return f"{p.name} ({p.total_memory / 2**30:.0f} GiB), torch {torch.__version__}"
+    return f"CPU ({torch.get_num_threads()} threads), torch {torch.__version__}"
