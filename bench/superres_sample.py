@@ -51,7 +51,7 @@ def main() -> None:
         config = SuperResConfig(arch=args.arch, loss=args.loss, batch_size=args.batch, pretrained=True,
                                 phases=tuple(one_cycle(args.epochs, args.lr)))
         t = time.perf_counter()
-        model, history = train_superres(low.path / "train.h5", high.path / "train.h5", config, tmp / "run",
+        model, history = train_superres((low.path / "train.h5", high.path / "train.h5"), config, tmp / "run",
                                         on_epoch=lambda r: print(f"epoch {r['epoch']}: loss {r['loss']:.5f}",
                                                                  flush=True))
         train_s = time.perf_counter() - t

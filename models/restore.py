@@ -8,7 +8,7 @@ has failed.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -19,9 +19,9 @@ from torch.nn import functional as F
 from models.data import ChunkShuffleStream
 from models.losses import FeatureLoss, pixel_mse
 from models.metrics import psnr, ssim
-from models.schedule import Phase, PhaseSchedule
+from models.schedule import Phase, PhaseSchedule, one_cycle
 from models.superres import make_generator
-from models.train import TrainConfig, load_checkpoint, param_groups, train
+from models.train import TrainConfig, load_checkpoint, param_groups, seed_everything, train
 from storage.hdf5 import open_store
 
 log = logging.getLogger(__name__)
@@ -71,38 +71,93 @@ def build(config: SuperResConfig, scale: int):
     return model, optimizer, loss_fn
 
 
-def train_superres(low_store: str | Path, high_store: str | Path, config: SuperResConfig, checkpoint_dir: Path, *,
+Pair = tuple[Path, Path]  # (low-res store, aligned high-res store)
+
+
+def _legs(phases: tuple[Phase, ...]) -> list[tuple[int | None, int | None, tuple[Phase, ...]]]:
+    """Consecutive phases with the same (image_size, batch_size): each leg is one pass of the loop."""
+    legs: list[tuple[int | None, int | None, list[Phase]]] = []
+    for p in phases:
+        if legs and (legs[-1][0], legs[-1][1]) == (p.image_size, p.batch_size):
+            legs[-1][2].append(p)
+        else:
+            legs.append((p.image_size, p.batch_size, [p]))
+    return [(size, batch, tuple(ps)) for size, batch, ps in legs]
+
+
+def _pair_for(pairs: dict[int, Pair], size: int | None) -> Pair:
+    if size is None:
+        if len(pairs) != 1:
+            raise ValueError(f"phases without an image_size need exactly one store pair; got sizes {sorted(pairs)}")
+        return next(iter(pairs.values()))
+    if size not in pairs:
+        raise ValueError(f"a phase asks for image_size {size}; store pairs exist for {sorted(pairs)}")
+    return pairs[size]
+
+
+def train_superres(pairs: Pair | Mapping[int, Pair], config: SuperResConfig, checkpoint_dir: Path, *,
                    device: str | None = None, on_epoch: Callable[[dict[str, Any]], None] | None = None,
                    tensorboard: bool = True):
-    """Train a generator from the crappified store to the original; returns (model, history).
+    """Train a generator from crappified stores to the originals; returns (model, history).
 
-    Resumes from ``checkpoint_dir/last.pt`` when present; TensorBoard curves go to
-    ``checkpoint_dir/tensorboard`` (``tensorboard --logdir`` on it).
+    ``pairs``: one (low, high) pair, or ``{high-res side: (low, high)}`` for progressive resizing,
+    where each phase's ``image_size`` picks its pair (and ``batch_size`` overrides the config's).
+    Consecutive phases at one size form a leg, trained by the shared loop with its own checkpoint
+    (``checkpoint_dir/leg-<i>-<size>/last.pt``); the weights carry from leg to leg, and a rerun
+    resumes inside the leg that was interrupted. TensorBoard curves go to each leg's folder.
     """
-    scale = store_scale(low_store, high_store)
+    if not isinstance(pairs, Mapping):
+        low, high = pairs
+        with open_store(high) as f:
+            pairs = {int(f["images"].shape[1]): (Path(low), Path(high))}
+    pairs = {int(k): (Path(lo), Path(hi)) for k, (lo, hi) in pairs.items()}
+    scales = {store_scale(*pair) for pair in pairs.values()}
+    if len(scales) != 1:
+        raise ValueError(f"every store pair must have the same scale; got {sorted(scales)}")
+    scale = scales.pop()
+    seed_everything(config.seed)  # the same initial weights every run: a resumed run starts where this one did
     model, optimizer, loss_fn = build(config, scale)
-    if config.arch != "unet":  # one parameter group: drop per-phase group scales meant for the U-Net
-        phases = tuple(replace(p, group_scales=None) for p in config.phases)
-    else:
-        phases = config.phases
-    stream = ChunkShuffleStream(low_store, config.batch_size, target_store=high_store, seed=config.seed,
-                                drop_last=True)
-    if len(stream) < 1:
-        raise ValueError(f"{stream.n} training pairs are fewer than one batch of {config.batch_size}")
-    tconfig = TrainConfig(checkpoint_dir=checkpoint_dir, seed=config.seed,
-                          tensorboard_dir=Path(checkpoint_dir) / "tensorboard" if tensorboard else None,
-                          **({"device": device} if device else {}))
+    tconfig = TrainConfig(checkpoint_dir=checkpoint_dir, seed=config.seed, **({"device": device} if device else {}))
     loss_fn = loss_fn.to(tconfig.device) if isinstance(loss_fn, torch.nn.Module) else loss_fn
+    history: list[dict[str, Any]] = []
+    for i, (size, batch_size, phases) in enumerate(_legs(config.phases)):
+        if config.arch != "unet":  # one parameter group: drop per-phase group scales meant for the U-Net
+            phases = tuple(replace(p, group_scales=None) for p in phases)
+        low, high = _pair_for(pairs, size)
+        stream = ChunkShuffleStream(low, batch_size or config.batch_size, target_store=high, seed=config.seed,
+                                    drop_last=True)
+        if len(stream) < 1:
+            raise ValueError(f"{stream.n} training pairs in {low} are fewer than one batch of {stream.batch_size}")
+        leg_dir = Path(checkpoint_dir) / f"leg-{i}-{size or 'store'}"
+        leg_config = replace(tconfig, checkpoint_dir=leg_dir, tensorboard_dir=leg_dir / "tensorboard" if tensorboard else None)
+        offset, leg_size = len(history), int(ChunkShuffleStream(high, 1).image_shape[0])
 
-    def batches(epoch: int, phase: Phase):
-        stream.set_epoch(epoch)
-        for low, high in stream:
-            yield to_unit(low, "cpu"), to_unit(high, "cpu")
+        def batches(epoch: int, phase: Phase, stream=stream):
+            stream.set_epoch(epoch)
+            for lo, hi in stream:
+                yield to_unit(lo, "cpu"), to_unit(hi, "cpu")
 
-    history = train(model, optimizer, PhaseSchedule(phases, len(stream)), batches, loss_fn, tconfig,
-                    on_epoch=on_epoch)
+        def tagged(record: dict[str, Any], offset=offset, leg=i, leg_size=leg_size) -> dict[str, Any]:
+            return {**record, "epoch": offset + record["epoch"], "leg": leg, "size": leg_size}
+
+        history += [tagged(r) for r in train(
+            model, optimizer, PhaseSchedule(phases, len(stream)), batches, loss_fn, leg_config,
+            on_epoch=(lambda r, tagged=tagged: on_epoch(tagged(r))) if on_epoch else None)]
     export_generator(model.cpu(), config.arch, scale, Path(checkpoint_dir) / MODEL_FILE)
     return model, history
+
+
+def progressive_phases(sizes: Sequence[tuple[int, int]], epochs: int, lr: float, *,
+                       unfrozen_encoder_scale: float = 0.01) -> tuple[Phase, ...]:
+    """Lesson 7's schedule for each (high-res size, batch size), smallest first: a 1cycle with the
+    encoder frozen (pct_start 0.9), then one unfrozen with discriminative learning rates (the
+    encoder at ``unfrozen_encoder_scale`` of lr/5)."""
+    phases: list[Phase] = []
+    for size, batch in sizes:
+        data = {"image_size": size, "batch_size": batch}
+        phases += [replace(p, group_scales=(0.0, 1.0)) for p in one_cycle(epochs, lr, pct_start=0.9, **data)]
+        phases += [replace(p, group_scales=(unfrozen_encoder_scale, 1.0)) for p in one_cycle(epochs, lr / 5, **data)]
+    return tuple(phases)
 
 
 @torch.no_grad()

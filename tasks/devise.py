@@ -589,6 +589,8 @@ class DeviseSearch:
 from prefect import task  # noqa: E402  (the plain functions above do not need Prefect)
 from prefect.artifacts import create_table_artifact  # noqa: E402
 
+from tasks.artifacts import epoch_table  # noqa: E402
+
 
 @task(name="compute-devise-features", retries=1, retry_delay_seconds=5)
 def compute_features_task(resize_dir: str, config: FeaturesConfig, tiers: Tiers) -> str:
@@ -605,23 +607,12 @@ def _publish_hits(stage: StageDir, what: str) -> None:
                      f"classes. `{stage.path}`"))
 
 
-def _epoch_table(key: str, what: str):
-    history: list[dict[str, Any]] = []
-
-    def publish(record: dict[str, Any]) -> None:
-        history.append(record)
-        create_table_artifact(key=key, table=[{k: (round(v, 5) if isinstance(v, float) else v) for k, v in r.items()}
-                                              for r in history], description=what)
-
-    return publish
-
-
 @task(name="train-devise", retries=1, retry_delay_seconds=5)
 def train_devise_task(features_dir: str, words_dir: str, config: HeadConfig, tiers: Tiers) -> str:
     """Head + softmax baseline on the features (resumes after a crash); hit@k table artifact."""
     stage = run_devise(devise_stage(tiers, features_dir=features_dir, words_dir=words_dir, config=config),
                        features_dir=features_dir, words_dir=words_dir, config=config,
-                       on_epoch=_epoch_table("devise-epochs", "DeViSE head: cosine loss per epoch"))
+                       on_epoch=epoch_table("devise-epochs", "DeViSE head: cosine loss per epoch"))
     _publish_hits(stage, "head on precomputed features, vs a softmax classifier with the same budget")
     return str(stage.path)
 
@@ -629,7 +620,7 @@ def train_devise_task(features_dir: str, words_dir: str, config: HeadConfig, tie
 @task(name="finetune-devise", retries=1, retry_delay_seconds=5)
 def finetune_devise_task(devise_dir: str, config: FinetuneConfig, tiers: Tiers) -> str:
     stage = run_finetune(finetune_stage(tiers, devise_dir=devise_dir, config=config), devise_dir=devise_dir,
-                         config=config, on_epoch=_epoch_table("devise-finetune-epochs", "DeViSE fine-tuning"))
+                         config=config, on_epoch=epoch_table("devise-finetune-epochs", "DeViSE fine-tuning"))
     _publish_hits(stage, "fine-tuned end to end")
     return str(stage.path)
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import base64
 import io
+from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
@@ -20,12 +20,13 @@ from storage.atomic import atomic_write_json
 from storage.hdf5 import open_store
 from storage.stage import StageDir, open_stage, stage_dir
 from storage.tiers import Tiers
+from tasks.artifacts import epoch_table
 
 SUPERRES_VERSION = 1
 
 
-def superres_stage(tiers: Tiers, *, crappify_dir: str, config: SuperResConfig) -> StageDir:
-    params = {"version": SUPERRES_VERSION, "pairs": open_stage(crappify_dir).key, "config": asdict(config)}
+def superres_stage(tiers: Tiers, *, crappify_dirs: Sequence[str], config: SuperResConfig) -> StageDir:
+    params = {"version": SUPERRES_VERSION, "pairs": [open_stage(d).key for d in crappify_dirs], "config": asdict(config)}
     return stage_dir(tiers, "fast", "superres", params)
 
 
@@ -35,22 +36,25 @@ def _stores(crappify_dir: str, split: str) -> tuple[Path, Path]:
         return low, Path(f.attrs["source_store"])
 
 
+def training_pairs(crappify_dirs: Sequence[str]) -> dict[int, tuple[Path, Path]]:
+    """{high-res side: (low, high) training stores} of each crappify stage (progressive resizing)."""
+    pairs = {}
+    for d in crappify_dirs:
+        low, high = _stores(d, "train")
+        with open_store(high) as f:
+            pairs[int(f["images"].shape[1])] = (low, high)
+    return pairs
+
+
 @task(name="train-superres", retries=1, retry_delay_seconds=5)
-def train_superres_task(crappify_dir: str, config: SuperResConfig, tiers: Tiers) -> str:
-    """Train (resuming from the stage's checkpoint after a crash); returns the stage directory."""
-    stage = superres_stage(tiers, crappify_dir=crappify_dir, config=config)
+def train_superres_task(crappify_dirs: list[str], config: SuperResConfig, tiers: Tiers) -> str:
+    """Train on one crappify stage per image size (resuming after a crash); returns the stage directory."""
+    stage = superres_stage(tiers, crappify_dirs=crappify_dirs, config=config)
     if stage.is_complete:
         return str(stage.path)
     stage.prepare()
-
-    def publish(record: dict[str, Any]) -> None:
-        history.append(record)
-        create_table_artifact(key="superres-epochs", table=[{k: (round(v, 5) if isinstance(v, float) else v)
-                                                             for k, v in r.items()} for r in history],
-                              description=f"Loss terms per epoch ({config.arch}, {config.loss} loss)")
-
-    history: list[dict[str, Any]] = []
-    _, full_history = train_superres(*_stores(crappify_dir, "train"), config, stage.path, on_epoch=publish)
+    publish = epoch_table("superres-epochs", f"Loss terms per epoch ({config.arch}, {config.loss} loss)")
+    _, full_history = train_superres(training_pairs(crappify_dirs), config, stage.path, on_epoch=publish)
     atomic_write_json(stage.path / "history.json", full_history)
     stage.complete(epochs=len(full_history), final_loss=full_history[-1]["loss"], model="model.pt")
     return str(stage.path)

@@ -146,15 +146,19 @@ def test_pipeline_word_stage_publishes_the_match_counts(prefect_server, word_tie
     assert {r["scope"] for r in rows} == {"imagenet_1k", "wordnet_nouns"}
 
 
-def test_superres_flow_trains_evaluates_and_publishes_artifacts(prefect_server, tier_env):
+def test_superres_flow_resizes_progressively_evaluates_and_publishes_artifacts(prefect_server, tier_env,
+                                                                              sample_root):
     from prefect.client.orchestration import get_client
 
     from flows.superres import superres
 
-    out = superres(arch="johnson", loss="pixel", high_size=32, low_size=8, crappifier="downscale", epochs=2,
-                   batch_size=8, pretrained=False)
-    assert (Path(out["superres"]) / "model.pt").is_file() and open_stage(out["superres"]).manifest()["epochs"] == 2
-    assert any((Path(out["superres"]) / "tensorboard").glob("events.out.tfevents.*"))
+    # 8 -> 32 px targets, then 16 -> 64: at each size a frozen and an unfrozen 1cycle of 2 epochs
+    out = superres(source=str(sample_root), arch="johnson", loss="pixel", high_size=64, low_size=16,
+                   progressive_from=32, crappifier="downscale", epochs=2, batch_size=4, pretrained=False)
+    assert (Path(out["superres"]) / "model.pt").is_file() and open_stage(out["superres"]).manifest()["epochs"] == 8
+    history = json.loads((Path(out["superres"]) / "history.json").read_text())
+    assert [h["size"] for h in history] == [32] * 4 + [64] * 4
+    assert any((Path(out["superres"]) / "leg-1-64" / "tensorboard").glob("events.out.tfevents.*"))
     assert set(out["metrics"]) == {"psnr_model", "psnr_bicubic", "ssim_model", "ssim_bicubic"}
 
     async def artifacts():
@@ -163,7 +167,7 @@ def test_superres_flow_trains_evaluates_and_publishes_artifacts(prefect_server, 
 
     latest = asyncio.run(artifacts())
     assert "data:image/png;base64," in latest["superres-samples"].data
-    assert len(__import__("json").loads(latest["superres-epochs"].data)) == 2
+    assert len(json.loads(latest["superres-epochs"].data)) == 8
 
 
 def test_devise_flow_trains_finetunes_indexes_and_publishes_hits(prefect_server, word_tiers, sample_root, monkeypatch):

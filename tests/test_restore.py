@@ -10,6 +10,7 @@ from models.restore import (
     enhance,
     evaluate_superres,
     load_generator,
+    progressive_phases,
     store_scale,
     train_superres,
 )
@@ -31,7 +32,14 @@ def pairs(sample_root, tmp_path_factory):
     high = run_resize(resize_stage(tiers, listing_dir=listing.path, config=rc), listing_dir=listing.path, config=rc)
     cc = CrappifyConfig(crappifier="downscale", size=8)
     low = run_crappify(crappify_stage(tiers, resize_dir=high.path, config=cc), resize_dir=high.path, config=cc, cores=1)
-    return {split: (low.path / f"{split}.h5", high.path / f"{split}.h5") for split in ("train", "val")}
+    pairs = {split: (low.path / f"{split}.h5", high.path / f"{split}.h5") for split in ("train", "val")}
+    # a second, larger pair for progressive resizing: 16 -> 64
+    rc = ResizeConfig(size=64)
+    high = run_resize(resize_stage(tiers, listing_dir=listing.path, config=rc), listing_dir=listing.path, config=rc)
+    cc = CrappifyConfig(crappifier="downscale", size=16)
+    low = run_crappify(crappify_stage(tiers, resize_dir=high.path, config=cc), resize_dir=high.path, config=cc, cores=1)
+    pairs["train64"] = (low.path / "train.h5", high.path / "train.h5")
+    return pairs
 
 
 def test_scale_comes_from_the_stores(pairs):
@@ -41,7 +49,7 @@ def test_scale_comes_from_the_stores(pairs):
 def test_johnson_trains_resumes_exports_and_evaluates_against_bicubic(pairs, tmp_path):
     config = SuperResConfig(arch="johnson", loss="pixel", batch_size=8, pretrained=False,
                             phases=(Phase(2, (3e-3, 1e-4), "cosine"),))
-    model, history = train_superres(*pairs["train"], config, tmp_path / "run", device="cpu")
+    model, history = train_superres(pairs["train"], config, tmp_path / "run", device="cpu")
     assert [h["epoch"] for h in history] == [0, 1] and {"loss", "pixel_mse"} <= set(history[0])
     assert history[1]["loss"] < history[0]["loss"]
     reloaded = load_generator(tmp_path / "run")
@@ -62,7 +70,7 @@ def test_johnson_trains_resumes_exports_and_evaluates_against_bicubic(pairs, tmp
 
 def test_unet_with_feature_loss_runs_one_epoch_and_logs_every_term(pairs, tmp_path):
     config = SuperResConfig(arch="unet", loss="feature", batch_size=8, pretrained=False)
-    _, history = train_superres(*pairs["val"], config, tmp_path, device="cpu")
+    _, history = train_superres(pairs["val"], config, tmp_path, device="cpu")
     assert {"pixel", "feat_0", "feat_1", "feat_2", "gram_0", "gram_1", "gram_2"} <= set(history[0])
 
 
@@ -90,7 +98,7 @@ def test_evaluate_and_enhance_commands(pairs, tmp_path, capsys):
 
     from flows.cli import main
 
-    _, history = train_superres(*pairs["val"], SuperResConfig(arch="johnson", loss="pixel", pretrained=False),
+    _, history = train_superres(pairs["val"], SuperResConfig(arch="johnson", loss="pixel", pretrained=False),
                                 tmp_path / "run", device="cpu")
     assert main(["evaluate-superres", str(tmp_path / "run"), str(pairs["val"][0]), "--limit", "5"]) == 0
     out = capsys.readouterr().out
@@ -100,3 +108,36 @@ def test_evaluate_and_enhance_commands(pairs, tmp_path, capsys):
     assert main(["enhance", str(tmp_path / "run"), str(tmp_path / "in.png"), str(tmp_path / "out.png")]) == 0
     with Image.open(tmp_path / "out.png") as im:
         assert im.size == (120, 80)
+
+
+def test_progressive_resizing_trains_small_then_large_and_resumes_across_sizes(pairs, tmp_path):
+    phases = progressive_phases([(32, 8), (64, 8)], epochs=2, lr=1e-3)
+    assert [(p.image_size, p.group_scales) for p in phases] == [
+        (32, (0.0, 1.0)), (32, (0.0, 1.0)), (32, (0.01, 1.0)), (32, (0.01, 1.0)),
+        (64, (0.0, 1.0)), (64, (0.0, 1.0)), (64, (0.01, 1.0)), (64, (0.01, 1.0))]
+    # the Johnson net keeps it quick on a CPU (it ignores the U-Net's encoder/decoder group scales)
+    config = SuperResConfig(arch="johnson", loss="pixel", batch_size=4, pretrained=False, phases=phases)
+    stores = {32: pairs["train"], 64: pairs["train64"]}
+    straight, history = train_superres(stores, config, tmp_path / "straight", device="cpu", tensorboard=False)
+    assert [(h["epoch"], h["leg"], h["size"]) for h in history] == [(e, e // 4, 32 if e < 4 else 64) for e in range(8)]
+
+    class Crash(Exception):
+        pass
+
+    def crash_in_the_second_size(record):
+        if record["epoch"] == 5:
+            raise Crash
+
+    with pytest.raises(Crash):
+        train_superres(stores, config, tmp_path / "resumed", device="cpu", tensorboard=False,
+                       on_epoch=crash_in_the_second_size)
+    resumed, history2 = train_superres(stores, config, tmp_path / "resumed", device="cpu", tensorboard=False)
+    assert [h["epoch"] for h in history2] == list(range(8))
+    for (name, a), b in zip(straight.state_dict().items(), resumed.state_dict().values()):
+        assert torch.equal(a, b), name
+
+
+def test_a_phase_size_without_stores_is_named(pairs, tmp_path):
+    config = SuperResConfig(arch="johnson", loss="pixel", pretrained=False, phases=(Phase(1, 1e-3, image_size=64),))
+    with pytest.raises(ValueError, match=r"image_size 64; store pairs exist for \[32\]"):
+        train_superres(pairs["train"], config, tmp_path, device="cpu")
