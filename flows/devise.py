@@ -52,8 +52,8 @@ def devise(
     head = HeadConfig(epochs=epochs, lr=lr, batch_size=batch_size, hidden=hidden, dropout=dropout,
                       zero_shot=tuple(zero_shot) if zero_shot is not None else None, seed=seed)  # validates first
     stages = pipeline(source=source, seed=seed, size=size, words=True, word_vectors=word_vectors, refresh=refresh)
-    features = compute_features_task(stages["resize"], FeaturesConfig(backbone=backbone, pretrained=pretrained,
-                                                                      flips=flips), tiers)
+    features_config = FeaturesConfig(backbone=backbone, pretrained=pretrained, flips=flips, seed=seed)
+    features = compute_features_task(stages["resize"], features_config, tiers)
     model_dir = train_devise_task(features, stages["words"], head, tiers)
     outputs = {**stages, "devise-features": features, "devise": model_dir}
     if finetune_epochs:

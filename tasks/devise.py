@@ -31,7 +31,7 @@ from models.devise import Devise, DeviseConfig, DeviseHead, make_body
 from models.losses import LabelVectorLoss
 from models.metrics import hit_at_k
 from models.schedule import Phase, PhaseSchedule, one_cycle
-from models.train import TrainConfig, load_checkpoint, save_checkpoint, train
+from models.train import TrainConfig, load_checkpoint, save_checkpoint, seed_everything, train
 from storage.atomic import atomic_path, atomic_write_json
 from storage.hdf5 import open_store
 from storage.stage import StageDir, open_stage, stage_dir
@@ -74,6 +74,7 @@ class FeaturesConfig:
     pretrained: bool = True
     flips: bool = True  # also the features of each image flipped left-right (training picks one per step)
     batch_size: int = 64
+    seed: int = 0  # a from-scratch body's initial weights
 
 
 def features_stage(tiers: Tiers, *, resize_dir: str | Path, config: FeaturesConfig) -> StageDir:
@@ -132,6 +133,7 @@ def run_features(stage: StageDir, *, resize_dir: str | Path, config: FeaturesCon
     stage.prepare()
     start = time.perf_counter()
     dev = _device(device)
+    seed_everything(config.seed)
     body, channels, loaded = make_body(config.backbone, pretrained=config.pretrained)
     # the body is saved whatever its origin: a from-scratch body's random weights are part of the model
     save_checkpoint(stage.path / "body.pt", body=body.state_dict())
@@ -247,6 +249,7 @@ def train_head(features_dir: str | Path, plan: ClassPlan, vectors: np.ndarray, c
     stream = ChunkShuffleStream(Path(features_dir) / "train.h5", bs, x_key="features", keep_labels=plan.trained,
                                 seed=config.seed, drop_last=True)
     outputs = len(plan.classes) if softmax else vectors.shape[1]
+    seed_everything(config.seed)  # the same initial head every run (a resumed run starts where this one did)
     head = DeviseHead(m["features"], outputs, hidden=config.hidden, dropout=config.dropout)
     optimizer = torch.optim.AdamW(head.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     if softmax:
