@@ -5,18 +5,20 @@ from __future__ import annotations
 import json
 import os
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 
 @contextmanager
-def atomic_path(path: Path) -> Iterator[Path]:
+def atomic_path(path: Path, *, durable: bool = True) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; on success it is fsynced and renamed onto ``path``.
 
     On an exception the temporary file is removed and ``path`` is untouched. A crash (kill -9)
-    leaves only a ``.tmp-*`` file that no reader looks for.
+    leaves only a ``.tmp-*`` file that no reader looks for. ``durable=False`` skips the fsyncs: a
+    process crash still leaves old-or-new, but after a power loss the renamed file may miss data,
+    so the caller must check it (storage/hdf5.py: shard checksums) and fsync it later (``fsync_files``).
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -26,13 +28,26 @@ def atomic_path(path: Path) -> Iterator[Path]:
     os.chmod(tmp, 0o644)  # mkstemp makes 0600; artifacts are meant to be read by others
     try:
         yield tmp
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
+        if durable:
+            with open(tmp, "rb+") as f:
+                os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    _fsync_dir(path.parent)
+    if durable:
+        _fsync_dir(path.parent)
+
+
+def fsync_files(paths: Iterable[Path]) -> None:
+    """Make files written with ``durable=False`` (and their directory entries) durable."""
+    dirs = set()
+    for p in paths:
+        with open(p, "rb") as f:
+            os.fsync(f.fileno())
+        dirs.add(Path(p).parent)
+    for d in dirs:
+        _fsync_dir(d)
 
 
 def _fsync_dir(directory: Path) -> None:

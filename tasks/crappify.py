@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw
 
-from storage.hdf5 import ShardWriter, join_shards, open_store
+from storage.hdf5 import ShardWriter, join_shards, open_store, reusable_shard
 from storage.stage import StageDir, open_stage, stage_dir
 from storage.tiers import Tiers
 from tasks.shards import map_shards, shards_by_split
@@ -160,9 +160,9 @@ class CrappifyConfig:
 
 
 def crappify_shard(spec: CrappifyShard, config: CrappifyConfig, *, workers: int | None = None) -> dict[str, Any]:
-    """Crappify rows [start, stop) of the source store into one shard file; skipped when it exists."""
+    """Crappify rows [start, stop) of the source store into one shard file; skipped when it exists and verifies."""
     out = Path(spec.out_path)
-    if out.is_file():
+    if reusable_shard(out):
         return {"shard": spec.shard, "split": spec.split, "resumed": True}
     crappify = make_crappifier(config.crappifier, config.size)
     start = time.perf_counter()

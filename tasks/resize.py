@@ -39,6 +39,7 @@ from storage.hdf5 import (
     join_shards,
     read_shard_summary,
     read_store_rejects,
+    reusable_shard,
 )
 from storage.stage import StageDir, open_stage, stage_dir
 from storage.tiers import Tiers
@@ -156,9 +157,9 @@ def _windows(n: int, width: int) -> Iterator[range]:
 
 
 def resize_shard(spec: ShardSpec, config: ResizeConfig, *, workers: int | None = None) -> dict[str, Any]:
-    """Resize one shard into its own HDF5 file; skipped when that file already exists (resume)."""
+    """Resize one shard into its own HDF5 file; skipped when that file exists and verifies (resume)."""
     out = Path(spec.out_path)
-    if out.is_file():  # written under a temporary name and renamed: existing means complete
+    if reusable_shard(out):  # renamed only when complete; its checksum catches data lost to a power cut
         return {"shard": spec.shard, "split": spec.split, "path": str(out), "resumed": True, **read_shard_summary(out)}
     listing = _cached_split(spec.listing_dir, spec.split)
     rows = range(spec.start, spec.stop)
