@@ -7,7 +7,7 @@ One run, one image set, same machine:
   .venv/bench/pillow13 from the package index).
 - pillow-simd baseline: the same code in this process (whatever PIL the venv has).
 - our stage function (``resize_shards``: draft decode, crop+resize in one pass, HDF5 write with
-  fsync), on one core (one shard) and on all cores (a shard per core, a process each, as the flow
+  a CRC-32 per shard), on one core (one shard) and on all cores (a shard per core, a process each, as the flow
   runs them).
 Every single-core number is taken with the process pinned to one CPU (sched_setaffinity).
 - decode floors: full JPEG decode, and decode with the same draft() reduction the stage uses.
