@@ -23,9 +23,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 from embeddings import _build  # noqa: E402  (the real word table, as in bench/embeddings.py)
+from trainbench import sample_store  # noqa: E402
 
 from storage.stage import open_stage  # noqa: E402
-from storage.tiers import Tiers  # noqa: E402
 from tasks.devise import (  # noqa: E402
     FeaturesConfig,
     FinetuneConfig,
@@ -38,9 +38,6 @@ from tasks.devise import (  # noqa: E402
     run_features,
     run_finetune,
 )
-from tasks.listing import fingerprint_dataset, listing_stage, run_listing  # noqa: E402
-from tasks.resize import ResizeConfig, resize_stage, run_resize  # noqa: E402
-from tasks.sample import build_sample  # noqa: E402
 
 
 def main() -> None:
@@ -55,13 +52,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(dir=os.environ.get("TMPDIR")) as tmp:
         tmp = Path(tmp)
         words = _build(tmp)
-        build_sample(tmp / "ds", seed=0, plant_bad_inputs=False)
-        tiers = Tiers(fast=tmp / "fast", bulk=tmp / "bulk")
-        listing = run_listing(listing_stage(tiers, root=tmp / "ds", fingerprint=fingerprint_dataset(tmp / "ds"),
-                                            seed=0), root=tmp / "ds", seed=0)
-        rc = ResizeConfig(size=args.size)
-        resized = run_resize(resize_stage(tiers, listing_dir=listing.path, config=rc), listing_dir=listing.path,
-                             config=rc)
+        tiers, resized = sample_store(tmp, args.size)
         fc = FeaturesConfig(backbone=args.backbone, batch_size=32)
         t = time.perf_counter()
         features = run_features(features_stage(tiers, resize_dir=resized.path, config=fc), resize_dir=resized.path,
@@ -78,8 +69,9 @@ def main() -> None:
         fm = open_stage(tuned.path).manifest()
         ft_history = __import__("json").loads((tuned.path / "metrics.json").read_text())["history"]
         ft_epoch_s = sum(h["seconds"] for h in ft_history) / len(ft_history)
+        n_images = sum(open_stage(features.path).manifest()["counts"].values())
     print(f"{args.backbone} at {args.size} px, backbone pretrained: {hm['pretrained_backbone']}; "
-          f"features of {sum(open_stage(features.path).manifest()['counts'].values())} images x 2 views: "
+          f"features of {n_images} images x 2 views: "
           f"{features_s:.1f} s")
     print(f"\nhead on features ({args.epochs} epochs, {head_epoch_s:.3f} s/epoch):\n{format_hits(hm['metrics'])}")
     print(f"\nfine-tuned end to end ({args.finetune_epochs} epochs, {ft_epoch_s:.1f} s/epoch):\n"

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -19,11 +20,10 @@ import torch
 
 from models.restore import SuperResConfig, evaluate_superres, train_superres
 from models.schedule import one_cycle
-from storage.tiers import Tiers
 from tasks.crappify import CrappifyConfig, crappify_stage, run_crappify
-from tasks.listing import fingerprint_dataset, listing_stage, run_listing
-from tasks.resize import ResizeConfig, resize_stage, run_resize
-from tasks.sample import build_sample
+
+sys.path.insert(0, str(Path(__file__).parent))
+from trainbench import sample_store  # noqa: E402
 
 
 def main() -> None:
@@ -40,12 +40,7 @@ def main() -> None:
     torch.set_num_threads(os.cpu_count() or 1)
     with tempfile.TemporaryDirectory(dir=os.environ.get("TMPDIR")) as tmp:
         tmp = Path(tmp)
-        build_sample(tmp / "ds", seed=0, plant_bad_inputs=False)
-        tiers = Tiers(fast=tmp / "fast", bulk=tmp / "bulk")
-        listing = run_listing(listing_stage(tiers, root=tmp / "ds", fingerprint=fingerprint_dataset(tmp / "ds"),
-                                            seed=0), root=tmp / "ds", seed=0)
-        rc = ResizeConfig(size=args.high)
-        high = run_resize(resize_stage(tiers, listing_dir=listing.path, config=rc), listing_dir=listing.path, config=rc)
+        tiers, high = sample_store(tmp, args.high)
         cc = CrappifyConfig(crappifier=args.crappifier, size=args.low)
         low = run_crappify(crappify_stage(tiers, resize_dir=high.path, config=cc), resize_dir=high.path, config=cc)
         config = SuperResConfig(arch=args.arch, loss=args.loss, batch_size=args.batch, pretrained=True,

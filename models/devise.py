@@ -72,15 +72,29 @@ class DeviseHead(nn.Sequential):
 
 
 class Devise(nn.Module):
-    """Images (B, 3, H, W), ImageNet-normalised -> predicted word vectors (B, dims)."""
+    """Images (B, 3, H, W), ImageNet-normalised -> predicted word vectors (B, dims).
 
-    def __init__(self, config: DeviseConfig, *, outputs: int | None = None):
+    ``frozen_body_bn``: the body's BatchNorm layers stay in eval mode when the model trains (their
+    running statistics are kept; their scale and shift still learn). Fine-tuning after the fast
+    path needs it: the head learned on features computed with those statistics, and small
+    batches would replace them within a few steps.
+    """
+
+    def __init__(self, config: DeviseConfig, *, outputs: int | None = None, frozen_body_bn: bool = False):
         super().__init__()
-        self.config = config
+        self.config, self.frozen_body_bn = config, frozen_body_bn
         self.body, self.features, self.pretrained = make_body(config.backbone, pretrained=config.pretrained)
         self.pool = ConcatPool()
         self.head = DeviseHead(2 * self.features, outputs or config.dims, hidden=config.hidden,
                                dropout=config.dropout)
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        if mode and self.frozen_body_bn:
+            for m in self.body.modules():
+                if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                    m.eval()
+        return self
 
     def pooled(self, x):
         return self.pool(self.body(x))  # (B, 2C)

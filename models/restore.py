@@ -21,12 +21,11 @@ from models.losses import FeatureLoss, pixel_mse
 from models.metrics import psnr, ssim
 from models.schedule import Phase, PhaseSchedule, one_cycle
 from models.superres import make_generator
-from models.train import TrainConfig, load_checkpoint, param_groups, seed_everything, train
+from models.train import MODEL_FILE, TrainConfig, load_export, param_groups, seed_everything, train
 from storage.hdf5 import open_store
 
 log = logging.getLogger(__name__)
 LOSSES = ("feature", "pixel")
-MODEL_FILE = "model.pt"  # the exported generator: weights + architecture + scale
 
 
 def to_unit(images: torch.Tensor, device: torch.device | str) -> torch.Tensor:
@@ -129,7 +128,8 @@ def train_superres(pairs: Pair | Mapping[int, Pair], config: SuperResConfig, che
         if len(stream) < 1:
             raise ValueError(f"{stream.n} training pairs in {low} are fewer than one batch of {stream.batch_size}")
         leg_dir = Path(checkpoint_dir) / f"leg-{i}-{size or 'store'}"
-        leg_config = replace(tconfig, checkpoint_dir=leg_dir, tensorboard_dir=leg_dir / "tensorboard" if tensorboard else None)
+        leg_config = replace(tconfig, checkpoint_dir=leg_dir,
+                             tensorboard_dir=leg_dir / "tensorboard" if tensorboard else None)
         offset, leg_size = len(history), int(ChunkShuffleStream(high, 1).image_shape[0])
 
         def batches(epoch: int, phase: Phase, stream=stream):
@@ -188,14 +188,7 @@ def evaluate_superres(model: torch.nn.Module, low_store: str | Path, high_store:
 
 def load_generator(checkpoint: str | Path) -> torch.nn.Module:
     """A generator exported by ``train_superres`` (``model.pt``, or the folder holding it)."""
-    path = Path(checkpoint)
-    path = path / MODEL_FILE if path.is_dir() else path
-    if not path.is_file():
-        raise FileNotFoundError(f"no exported generator at {path}; train one first (it is written when training ends)")
-    state = load_checkpoint(path)
-    meta = state.get("superres")
-    if meta is None:
-        raise ValueError(f"{path} holds no super-resolution model (no 'superres' entry)")
+    state, meta, _ = load_export(checkpoint, "superres", "generator")
     model = make_generator(meta["arch"], meta["scale"], pretrained=False)
     model.load_state_dict(state["model"])
     return model.eval()

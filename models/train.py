@@ -34,6 +34,7 @@ from storage.atomic import atomic_path
 log = logging.getLogger(__name__)
 
 CHECKPOINT = "last.pt"
+MODEL_FILE = "model.pt"  # an exported model: weights + what rebuilds it (``load_export``)
 Batches = Callable[[int, Phase], Iterable[tuple[torch.Tensor, torch.Tensor]]]
 LossFn = Callable[[torch.Tensor, torch.Tensor], "torch.Tensor | dict[str, torch.Tensor]"]
 
@@ -81,6 +82,19 @@ def save_checkpoint(path: Path, **state: Any) -> None:
 def load_checkpoint(path: Path) -> dict[str, Any]:
     # our own files, holding Python/NumPy RNG states that weights_only loading refuses
     return torch.load(path, map_location="cpu", weights_only=False)
+
+
+def load_export(path: str | Path, kind: str, what: str) -> tuple[dict[str, Any], dict[str, Any], Path]:
+    """(state, metadata, file) of an exported model: ``path`` is the file or the folder holding ``model.pt``;
+    ``kind`` the metadata entry the export must carry (``superres``, ``devise``)."""
+    path = Path(path)
+    path = path / MODEL_FILE if path.is_dir() else path
+    if not path.is_file():
+        raise FileNotFoundError(f"no exported {what} at {path}; train one first (it is written when training ends)")
+    state = load_checkpoint(path)
+    if state.get(kind) is None:
+        raise ValueError(f"{path} holds no {what} (no {kind!r} entry)")
+    return state, state[kind], path
 
 
 def _set_hyperparameters(optimizer: torch.optim.Optimizer, lr: float, momentum: float | None,
@@ -154,7 +168,8 @@ def train(model: nn.Module, optimizer: torch.optim.Optimizer, schedule: PhaseSch
 
     def checkpoint() -> None:
         save_checkpoint(ckpt, model=model.state_dict(), optimizer=optimizer.state_dict(), step=step,
-                        epoch=step // schedule.steps_per_epoch, rng=_rng_state(), epoch_sums={k: float(v) for k, v in sums.items()},
+                        epoch=step // schedule.steps_per_epoch, rng=_rng_state(),
+                        epoch_sums={k: float(v) for k, v in sums.items()},
                         epoch_seen=seen, history=history, config={**asdict(config), "checkpoint_dir": str(ckpt.parent)})
 
     with _tensorboard(config.tensorboard_dir, step) as writer:

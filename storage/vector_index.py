@@ -31,7 +31,8 @@ def unit_rows(m: np.ndarray) -> np.ndarray:
     return m / np.where(norms == 0, 1, norms)
 
 
-def brute_force(vectors: np.ndarray, queries: np.ndarray, k: int, *, batch: int = 1024) -> tuple[np.ndarray, np.ndarray]:
+def brute_force(vectors: np.ndarray, queries: np.ndarray, k: int, *,
+                batch: int = 1024) -> tuple[np.ndarray, np.ndarray]:
     """Exact top-``k`` (scores, ids), each (B, k), best first; queries in batches to bound memory.
 
     numpy's matmul, torch's topk: topk over (1000, 100k) scores is ~12x faster than numpy's argpartition.

@@ -24,14 +24,13 @@ from typing import Any
 import h5py
 import numpy as np
 import torch
-from torch.nn import functional as F
 
 from models.data import ChunkShuffleStream, to_float_nchw
 from models.devise import Devise, DeviseConfig, DeviseHead, make_body
 from models.losses import LabelVectorLoss
 from models.metrics import hit_at_k
 from models.schedule import Phase, PhaseSchedule, one_cycle
-from models.train import TrainConfig, load_checkpoint, save_checkpoint, seed_everything, train
+from models.train import MODEL_FILE, TrainConfig, load_checkpoint, load_export, save_checkpoint, seed_everything, train
 from storage.atomic import atomic_path, atomic_write_json
 from storage.hdf5 import open_store
 from storage.stage import StageDir, open_stage, stage_dir
@@ -47,7 +46,6 @@ FEATURES_VERSION = 1
 DEVISE_VERSION = 1
 INDEX_VERSION = 1
 KS = (1, 2, 5, 10, 20)
-MODEL_FILE = "model.pt"
 EMBEDDINGS_FILE = "embeddings.h5"
 FEATURE_CHUNK_ROWS = 256
 
@@ -256,7 +254,8 @@ def train_head(features_dir: str | Path, plan: ClassPlan, vectors: np.ndarray, c
         loss_fn: Any = torch.nn.CrossEntropyLoss()
     else:
         loss_fn = LabelVectorLoss(torch.from_numpy(vectors))
-    tconfig = TrainConfig(checkpoint_dir=checkpoint_dir, seed=config.seed, tensorboard_dir=checkpoint_dir / "tensorboard",
+    tconfig = TrainConfig(checkpoint_dir=checkpoint_dir, seed=config.seed,
+                          tensorboard_dir=checkpoint_dir / "tensorboard",
                           **({"device": device} if device else {}))
     loss_fn = loss_fn.to(tconfig.device)
     schedule = PhaseSchedule(one_cycle(config.epochs, config.lr), len(stream))
@@ -300,14 +299,7 @@ def export_devise(out: Path, model: Devise, *, classes: list[str], image_size: i
 
 def load_devise(path: str | Path) -> tuple[Devise, dict[str, Any]]:
     """A model exported by the DeViSE stages (``model.pt`` or its folder) and its metadata."""
-    path = Path(path)
-    path = path / MODEL_FILE if path.is_dir() else path
-    if not path.is_file():
-        raise FileNotFoundError(f"no exported DeViSE model at {path}; train one first")
-    state = load_checkpoint(path)
-    meta = state.get("devise")
-    if meta is None:
-        raise ValueError(f"{path} holds no DeViSE model (no 'devise' entry)")
+    state, meta, _ = load_export(path, "devise", "DeViSE model")
     model = Devise(DeviseConfig(**{**meta["config"], "pretrained": False}))
     model.load_state_dict(state["model"])
     return model.eval(), meta
@@ -363,8 +355,9 @@ def evaluate_devise(embeddings: dict[str, tuple[np.ndarray, np.ndarray]], plan: 
         if len(labs):
             zs = [plan.classes[i] for i in plan.zero_shot]
             col = {w: j for j, w in enumerate(zs)}
+            truth = np.array([col[plan.classes[i]] for i in labs])
             rows.append(_row("devise", "zero-shot", "held-out classes", len(zs), len(labs),
-                             _hits(vecs, np.stack([table.vector(w) for w in zs]), np.array([col[plan.classes[i]] for i in labs]))))
+                             _hits(vecs, np.stack([table.vector(w) for w in zs]), truth)))
             keys, matrix = table.vocabulary("wordnet")
             col = {w: j for j, w in enumerate(keys)}
             rows.append(_row("devise", "zero-shot", "all WordNet nouns", len(keys), len(labs),
@@ -432,6 +425,7 @@ class FinetuneConfig:
     epochs: int = 2
     lr: float = 1e-4  # 1cycle peak for the head; the body gets ``body_lr_scale`` of it
     body_lr_scale: float = 0.1
+    frozen_bn: bool = True  # keep the body's BatchNorm statistics (those the head's features were computed with)
     batch_size: int = 64
     weight_decay: float = 1e-2
     num_workers: int = 2
@@ -444,7 +438,8 @@ def finetune_stage(tiers: Tiers, *, devise_dir: str | Path, config: FinetuneConf
 
 
 @torch.no_grad()
-def embed_store(model: Devise, store: Path, *, batch_size: int = 64, device: torch.device) -> tuple[np.ndarray, np.ndarray]:
+def embed_store(model: Devise, store: Path, *, batch_size: int = 64,
+                device: torch.device) -> tuple[np.ndarray, np.ndarray]:
     """(predicted word vectors (N, d), labels) for every image of ``store``, in row order."""
     model.eval().to(device)
     out = []
@@ -464,6 +459,7 @@ def run_finetune(stage: StageDir, *, devise_dir: str | Path, config: FinetuneCon
     stage.prepare()
     dm = open_stage(devise_dir).manifest()
     model, meta = load_devise(devise_dir)
+    model.frozen_body_bn = config.frozen_bn
     table = WordTable(dm["words_dir"])
     classes = meta["classes"]
     trained = [int(r["label"]) for r in dm["classes"] if r["role"] == "trained"]

@@ -26,7 +26,8 @@ SUPERRES_VERSION = 1
 
 
 def superres_stage(tiers: Tiers, *, crappify_dirs: Sequence[str], config: SuperResConfig) -> StageDir:
-    params = {"version": SUPERRES_VERSION, "pairs": [open_stage(d).key for d in crappify_dirs], "config": asdict(config)}
+    params = {"version": SUPERRES_VERSION, "pairs": [open_stage(d).key for d in crappify_dirs],
+              "config": asdict(config)}
     return stage_dir(tiers, "fast", "superres", params)
 
 

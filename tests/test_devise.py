@@ -228,3 +228,16 @@ def test_search_command_prints_images_and_words(run, capsys):
     assert "nearest ImageNet classes" in out and "nearest WordNet nouns" in out and image in out
     assert main(["search", "--text", "qwxzzy", "--index", str(run["index"])]) == 2
     assert "qwxzzy" in capsys.readouterr().err
+
+
+def test_frozen_body_batchnorm_keeps_its_statistics_while_the_rest_trains():
+    model = Devise(DeviseConfig(backbone="resnet18", dims=8, hidden=16, pretrained=False), frozen_body_bn=True)
+    bn = model.body[1]
+    before = bn.running_mean.clone()
+    model.train()
+    assert not bn.training and model.head[0][0].training  # the head's BatchNorm still trains
+    model(torch.rand(4, 3, 32, 32) * 5).sum().backward()
+    assert torch.equal(bn.running_mean, before) and bn.weight.grad is not None
+    model.frozen_body_bn = False
+    model.train()(torch.rand(4, 3, 32, 32) * 5)
+    assert not torch.equal(bn.running_mean, before)

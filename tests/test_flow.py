@@ -7,7 +7,6 @@ import time
 from pathlib import Path
 
 import h5py
-
 import pytest
 
 from storage.stage import open_stage
@@ -195,3 +194,17 @@ def test_devise_flow_trains_finetunes_indexes_and_publishes_hits(prefect_server,
     assert {(r["model"], r["task"]) for r in hits} == {("devise", "flat"), ("devise", "zero-shot")}  # fine-tuned
     assert len(json.loads(latest["devise-epochs"].data)) == 4
     assert len(json.loads(latest["devise-finetune-epochs"].data)) == 2
+
+
+def test_devise_command_prints_the_hit_table_and_the_index(prefect_server, word_tiers, sample_root, monkeypatch,
+                                                           capsys):
+    from flows.cli import main
+
+    monkeypatch.setenv("IMAGESMITH_FAST_DIR", str(word_tiers.fast))
+    monkeypatch.setenv("IMAGESMITH_BULK_DIR", str(word_tiers.bulk))
+    assert main(["devise", "--source", str(sample_root), "--size", "32", "--backbone", "resnet18", "--no-pretrained",
+                 "--epochs", "2", "--batch-size", "8", "--zero-shot", "n03790512", "n07920052"]) == 0
+    out = capsys.readouterr().out
+    assert "hit@5" in out and "softmax" in out and "held-out classes (2)" in out and "search index:" in out
+    index = out.split("search index:")[1].split()[0]
+    assert main(["search", "--text", "palace", "-k", "1", "--index", index]) == 0
