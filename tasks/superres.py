@@ -65,7 +65,8 @@ def _grid_png(model: torch.nn.Module, low_store: Path, high_store: Path, n: int 
     from PIL import Image
 
     with open_store(low_store) as lo, open_store(high_store) as hi:
-        low, high = to_unit(torch.from_numpy(lo["images"][:n]), "cpu"), to_unit(torch.from_numpy(hi["images"][:n]), "cpu")
+        low = to_unit(torch.from_numpy(lo["images"][:n]), "cpu")
+        high = to_unit(torch.from_numpy(hi["images"][:n]), "cpu")
     size = high.shape[-1]
     with torch.no_grad():
         pred = model.eval()(low).clamp(0, 1)

@@ -241,3 +241,30 @@ def test_frozen_body_batchnorm_keeps_its_statistics_while_the_rest_trains():
     model.frozen_body_bn = False
     model.train()(torch.rand(4, 3, 32, 32) * 5)
     assert not torch.equal(bn.running_mean, before)
+
+
+def test_head_training_resumes_after_a_crash_to_the_same_model(run, word_table, tmp_path):
+    tiers = Tiers(fast=tmp_path / "fast", bulk=tmp_path / "bulk")
+    hc = HeadConfig(epochs=4, lr=1e-2, batch_size=8, hidden=32, dropout=0.1, zero_shot=ZERO_SHOT,
+                    softmax_baseline=False)
+    kwargs = {"features_dir": run["features"], "words_dir": word_table.path, "config": hc, "device": "cpu"}
+    straight = run_devise(devise_stage(tiers, **{k: kwargs[k] for k in ("features_dir", "words_dir", "config")}),
+                          **kwargs)
+
+    class Crash(Exception):
+        pass
+
+    def crash(record):
+        if record["epoch"] == 2:
+            raise Crash
+
+    other = Tiers(fast=tmp_path / "fast2", bulk=tmp_path / "bulk2")
+    stage = devise_stage(other, features_dir=run["features"], words_dir=word_table.path, config=hc)
+    with pytest.raises(Crash):
+        run_devise(stage, **kwargs, on_epoch=crash)
+    assert not stage.is_complete and (stage.path / "devise" / "last.pt").is_file()
+    resumed = run_devise(stage, **kwargs)
+    a, _ = load_devise(straight.path)
+    b, _ = load_devise(resumed.path)
+    for (name, x), y in zip(a.state_dict().items(), b.state_dict().values()):
+        assert torch.equal(x, y), name
