@@ -84,14 +84,15 @@ def _legs(phases: tuple[Phase, ...]) -> list[tuple[int | None, int | None, tuple
     return [(size, batch, tuple(ps)) for size, batch, ps in legs]
 
 
-def _pair_for(pairs: dict[int, Pair], size: int | None) -> Pair:
+def _pair_for(pairs: dict[int, Pair], size: int | None) -> tuple[int, Pair]:
+    """(high-res side, pair) for a phase's ``image_size`` (None: the only pair)."""
     if size is None:
         if len(pairs) != 1:
             raise ValueError(f"phases without an image_size need exactly one store pair; got sizes {sorted(pairs)}")
-        return next(iter(pairs.values()))
+        return next(iter(pairs.items()))
     if size not in pairs:
         raise ValueError(f"a phase asks for image_size {size}; store pairs exist for {sorted(pairs)}")
-    return pairs[size]
+    return size, pairs[size]
 
 
 def train_superres(pairs: Pair | Mapping[int, Pair], config: SuperResConfig, checkpoint_dir: Path, *,
@@ -122,7 +123,7 @@ def train_superres(pairs: Pair | Mapping[int, Pair], config: SuperResConfig, che
     for i, (size, batch_size, phases) in enumerate(_legs(config.phases)):
         if config.arch != "unet":  # one parameter group: drop per-phase group scales meant for the U-Net
             phases = tuple(replace(p, group_scales=None) for p in phases)
-        low, high = _pair_for(pairs, size)
+        leg_size, (low, high) = _pair_for(pairs, size)
         stream = ChunkShuffleStream(low, batch_size or config.batch_size, target_store=high, seed=config.seed,
                                     drop_last=True)
         if len(stream) < 1:
@@ -130,7 +131,7 @@ def train_superres(pairs: Pair | Mapping[int, Pair], config: SuperResConfig, che
         leg_dir = Path(checkpoint_dir) / f"leg-{i}-{size or 'store'}"
         leg_config = replace(tconfig, checkpoint_dir=leg_dir,
                              tensorboard_dir=leg_dir / "tensorboard" if tensorboard else None)
-        offset, leg_size = len(history), int(ChunkShuffleStream(high, 1).image_shape[0])
+        offset = len(history)
 
         def batches(epoch: int, phase: Phase, stream=stream):
             stream.set_epoch(epoch)

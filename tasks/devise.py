@@ -25,12 +25,21 @@ import h5py
 import numpy as np
 import torch
 
-from models.data import ChunkShuffleStream, to_float_nchw
+from models.data import ChunkShuffleStream, make_loader, to_float_nchw
 from models.devise import Devise, DeviseConfig, DeviseHead, make_body
 from models.losses import LabelVectorLoss
 from models.metrics import hit_at_k
 from models.schedule import Phase, PhaseSchedule, one_cycle
-from models.train import MODEL_FILE, TrainConfig, load_checkpoint, load_export, save_checkpoint, seed_everything, train
+from models.train import (
+    MODEL_FILE,
+    TrainConfig,
+    load_checkpoint,
+    load_export,
+    param_groups,
+    save_checkpoint,
+    seed_everything,
+    train,
+)
 from storage.atomic import atomic_path, atomic_write_json
 from storage.hdf5 import open_store
 from storage.stage import StageDir, open_stage, stage_dir
@@ -94,11 +103,12 @@ def _autocast(device: torch.device):
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
 
 
-def compute_features(body: torch.nn.Module, store: Path, out: Path, *, flips: bool, batch_size: int,
-                     device: torch.device) -> int:
+def compute_features(body: torch.nn.Module, channels: int, store: Path, out: Path, *, flips: bool,
+                     batch_size: int, device: torch.device) -> int:
     """Concat-pooled activations of every image of ``store``: ``features (N, views, 2C) float16``.
 
-    views = 2 with ``flips`` (original, mirrored), else 1. Labels and row order are the store's.
+    ``channels``: C, the body's output channels. views = 2 with ``flips`` (original, mirrored),
+    else 1. Labels and row order are the store's.
     """
     from models.blocks import ConcatPool
 
@@ -107,8 +117,6 @@ def compute_features(body: torch.nn.Module, store: Path, out: Path, *, flips: bo
     with open_store(store) as src, atomic_path(out) as tmp, h5py.File(tmp, "w") as dst:
         images = src["images"]
         n = len(images)
-        with torch.no_grad():
-            channels = body(to_float_nchw(torch.from_numpy(images[:1]), device)).shape[1] if n else 0
         views = 2 if flips else 1
         feats = dst.create_dataset("features", shape=(n, views, 2 * channels), dtype=np.float16,
                                    chunks=(max(min(FEATURE_CHUNK_ROWS, n), 1), views, 2 * channels))
@@ -135,11 +143,11 @@ def run_features(stage: StageDir, *, resize_dir: str | Path, config: FeaturesCon
     body, channels, loaded = make_body(config.backbone, pretrained=config.pretrained)
     # the body is saved whatever its origin: a from-scratch body's random weights are part of the model
     save_checkpoint(stage.path / "body.pt", body=body.state_dict())
-    counts = {}
-    for split, store in _stores(resize_dir).items():
-        counts[split] = compute_features(body, store, stage.path / f"{split}.h5", flips=config.flips,
-                                         batch_size=config.batch_size, device=dev)
-    with open_store(next(iter(_stores(resize_dir).values()))) as f:
+    stores = _stores(resize_dir)
+    counts = {split: compute_features(body, channels, store, stage.path / f"{split}.h5", flips=config.flips,
+                                      batch_size=config.batch_size, device=dev)
+              for split, store in stores.items()}
+    with open_store(next(iter(stores.values()))) as f:
         size = int(f["images"].shape[1])
     stage.complete(backbone=config.backbone, pretrained_loaded=bool(loaded), features=2 * channels,
                    views=2 if config.flips else 1, counts=counts, image_size=size, resize_dir=str(resize_dir),
@@ -164,6 +172,21 @@ class ClassPlan:
         role = {**{i: "trained" for i in self.trained}, **{i: "zero_shot" for i in self.zero_shot},
                 **{i: "no_vector" for i in self.no_vector}}
         return [{"label": str(i), "wnid": w, "role": role[i]} for i, w in enumerate(self.classes)]
+
+    @classmethod
+    def from_rows(cls, classes: list[str], rows: list[dict[str, str]]) -> ClassPlan:
+        """The plan ``rows()`` recorded (in a stage manifest)."""
+        def labels(role: str) -> list[int]:
+            return [int(r["label"]) for r in rows if r["role"] == role]
+
+        return cls(classes, labels("trained"), labels("zero_shot"), labels("no_vector"))
+
+    def vectors(self, table: WordTable) -> np.ndarray:
+        """(classes, d) training targets: each trained class's unit word vector, zeros elsewhere."""
+        vectors = np.zeros((len(self.classes), table.dims), np.float32)
+        for i in self.trained:
+            vectors[i] = table.vector(self.classes[i])
+        return vectors
 
 
 def plan_classes(classes: Sequence[str], table: WordTable, zero_shot: Sequence[str] | None) -> ClassPlan:
@@ -228,7 +251,9 @@ def _feature_batches(stream: ChunkShuffleStream, views: int, seed: int):
     return batches
 
 
-def _batch_size(requested: int, available: int, what: str) -> int:
+def _fit_batch_size(store: Path, requested: int, keep: list[int], what: str, **stream) -> int:
+    """``requested``, or fewer when ``store`` holds fewer training rows of the ``keep`` labels (with a warning)."""
+    available = ChunkShuffleStream(store, 1, keep_labels=keep, **stream).n_kept
     if available < 2:
         raise ValueError(f"{what}: {available} training images; at least 2 are needed")
     if requested > available:
@@ -242,8 +267,8 @@ def train_head(features_dir: str | Path, plan: ClassPlan, vectors: np.ndarray, c
     """Train the DeViSE head (cosine to word vectors) or, with ``softmax``, the classifier baseline
     (same head and schedule, cross-entropy over the store's classes). Resumes from ``checkpoint_dir``."""
     m = open_stage(features_dir).manifest()
-    probe = ChunkShuffleStream(Path(features_dir) / "train.h5", 1, x_key="features", keep_labels=plan.trained)
-    bs = _batch_size(config.batch_size, probe.n_kept, "DeViSE head")
+    bs = _fit_batch_size(Path(features_dir) / "train.h5", config.batch_size, plan.trained, "DeViSE head",
+                         x_key="features")
     stream = ChunkShuffleStream(Path(features_dir) / "train.h5", bs, x_key="features", keep_labels=plan.trained,
                                 seed=config.seed, drop_last=True)
     outputs = len(plan.classes) if softmax else vectors.shape[1]
@@ -388,9 +413,7 @@ def run_devise(stage: StageDir, *, features_dir: str | Path, words_dir: str | Pa
     fm = open_stage(features_dir).manifest()
     table = WordTable(words_dir)
     plan = plan_classes(store_classes(fm["resize_dir"]), table, config.zero_shot)
-    vectors = np.zeros((len(plan.classes), table.dims), np.float32)
-    for i in plan.trained:
-        vectors[i] = table.vector(plan.classes[i])
+    vectors = plan.vectors(table)
     head, history = train_head(features_dir, plan, vectors, config, stage.path / "devise", device=device,
                                on_epoch=on_epoch)
     splits = [s for s in ("train", "val") if (Path(features_dir) / f"{s}.h5").is_file()]
@@ -462,31 +485,23 @@ def run_finetune(stage: StageDir, *, devise_dir: str | Path, config: FinetuneCon
     model.frozen_body_bn = config.frozen_bn
     table = WordTable(dm["words_dir"])
     classes = meta["classes"]
-    trained = [int(r["label"]) for r in dm["classes"] if r["role"] == "trained"]
-    plan = ClassPlan(classes, trained, [int(r["label"]) for r in dm["classes"] if r["role"] == "zero_shot"],
-                     [int(r["label"]) for r in dm["classes"] if r["role"] == "no_vector"])
-    vectors = np.zeros((len(classes), table.dims), np.float32)
-    for i in trained:
-        vectors[i] = table.vector(classes[i])
+    plan = ClassPlan.from_rows(classes, dm["classes"])
+    vectors = plan.vectors(table)
     stores = _stores(dm["resize_dir"])
-    probe = ChunkShuffleStream(stores["train"], 1, keep_labels=trained)
-    bs = _batch_size(config.batch_size, probe.n_kept, "DeViSE fine-tuning")
-    from models.data import make_loader
-
-    loader = make_loader(stores["train"], bs, num_workers=config.num_workers, keep_labels=trained,
+    bs = _fit_batch_size(stores["train"], config.batch_size, plan.trained, "DeViSE fine-tuning")
+    loader = make_loader(stores["train"], bs, num_workers=config.num_workers, keep_labels=plan.trained,
                          seed=config.seed, drop_last=True)
     dev = _device(device)
-    groups = [{"params": list(model.body.parameters()), "lr_scale": config.body_lr_scale},
-              {"params": list(model.head.parameters()), "lr_scale": 1.0}]
-    optimizer = torch.optim.AdamW(groups, lr=config.lr, weight_decay=config.weight_decay)
+    optimizer = torch.optim.AdamW(param_groups((model.body, config.body_lr_scale), (model.head, 1.0)), lr=config.lr,
+                                  weight_decay=config.weight_decay)
 
     def batches(epoch: int, phase: Phase):
         loader.dataset.set_epoch(epoch)
         g = torch.Generator().manual_seed(config.seed * 100_003 + epoch)
         for images, labels in loader:
             x = to_float_nchw(images, dev)
-            flip = torch.rand(len(x), generator=g) < 0.5
-            x[flip.to(dev)] = torch.flip(x[flip.to(dev)], dims=[3])
+            flip = (torch.rand(len(x), generator=g) < 0.5).to(dev)
+            x[flip] = torch.flip(x[flip], dims=[3])
             yield x, labels
 
     tconfig = TrainConfig(checkpoint_dir=stage.path / "finetune", seed=config.seed, device=str(dev),
