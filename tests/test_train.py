@@ -1,4 +1,5 @@
 import math
+import time
 
 import pytest
 import torch
@@ -142,6 +143,10 @@ def test_tensorboard_gets_step_and_epoch_scalars_and_a_resume_does_not_duplicate
     tb = tmp_path / "tb"
 
     def run(loss=nn.functional.cross_entropy, **kwargs):
+        # TensorBoard reads event files in name order: <unix second>.<host>.<pid>.<per-process counter>.
+        # Runs in one second of one process sort by that counter as text (…9 after …10), so each
+        # run starts in a new second, as a real resume does.
+        time.sleep(1.01)
         torch.manual_seed(1)
         model = Tiny()
         opt = torch.optim.SGD(model.parameters(), lr=0.1)
