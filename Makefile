@@ -5,7 +5,7 @@ PY    := $(VENV)/bin/python
 STAMP := $(VENV)/.bootstrap-done
 
 # Offline Prefect, with the project's own home (SQLite database, server log) inside the checkout.
-# The other Prefect settings are in prefect.toml (and flows/offline.py for runs outside this folder).
+# The other Prefect settings are in prefect.toml (and imagesmith/offline.py for runs outside this folder).
 export DO_NOT_TRACK := 1
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export PREFECT_HOME := $(CURDIR)/.prefect

@@ -25,19 +25,11 @@ sys.path.insert(0, str(Path(__file__).parent))
 from embeddings import _build  # noqa: E402  (the real word table, as in bench/embeddings.py)
 from trainbench import sample_store  # noqa: E402
 
-from storage.stage import open_stage  # noqa: E402
-from tasks.devise import (  # noqa: E402
-    FeaturesConfig,
-    FinetuneConfig,
-    HeadConfig,
-    devise_stage,
-    features_stage,
-    finetune_stage,
-    format_hits,
-    run_devise,
-    run_features,
-    run_finetune,
-)
+from storage.stage import open_stage, run_stage  # noqa: E402
+from training.devise.evaluate import format_hits  # noqa: E402
+from training.devise.features import FeaturesConfig, FeaturesStage  # noqa: E402
+from training.devise.finetune import FinetuneConfig, FinetuneStage  # noqa: E402
+from training.devise.head import DeviseStage, HeadConfig  # noqa: E402
 
 
 def main() -> None:
@@ -55,17 +47,15 @@ def main() -> None:
         tiers, resized = sample_store(tmp, args.size)
         fc = FeaturesConfig(backbone=args.backbone, batch_size=32)
         t = time.perf_counter()
-        features = run_features(features_stage(tiers, resize_dir=resized.path, config=fc), resize_dir=resized.path,
-                                config=fc)
+        features = run_stage(tiers, FeaturesStage(resize=str(resized.path), config=fc))
         features_s = time.perf_counter() - t
         hc = HeadConfig(epochs=args.epochs, lr=1e-2, batch_size=args.batch)
-        head = run_devise(devise_stage(tiers, features_dir=features.path, words_dir=words, config=hc),
-                          features_dir=features.path, words_dir=words, config=hc)
+        head = run_stage(tiers, DeviseStage(features=str(features.path), words=str(words), config=hc))
         hm = open_stage(head.path).manifest()
         history = __import__("json").loads((head.path / "metrics.json").read_text())["history"]
         head_epoch_s = sum(h["seconds"] for h in history) / len(history)
         ftc = FinetuneConfig(epochs=args.finetune_epochs, batch_size=args.batch)
-        tuned = run_finetune(finetune_stage(tiers, devise_dir=head.path, config=ftc), devise_dir=head.path, config=ftc)
+        tuned = run_stage(tiers, FinetuneStage(devise=str(head.path), config=ftc))
         fm = open_stage(tuned.path).manifest()
         ft_history = __import__("json").loads((tuned.path / "metrics.json").read_text())["history"]
         ft_epoch_s = sum(h["seconds"] for h in ft_history) / len(ft_history)

@@ -17,17 +17,18 @@ from pathlib import Path
 
 import numpy as np
 
+from prep.wordnet import WordnetStage, wordnet_source
+from prep.words import EmbeddingStage, GloveStage
+from storage.stage import run_stage
 from storage.tiers import Tiers
-from tasks.embeddings import DEFAULT_MAX_WORDS, WordTable, embedding_stage, glove_stage, run_embeddings, run_glove
-from tasks.wordnet import run_wordnet, wordnet_source, wordnet_stage
+from storage.words import WordTable
 
 
 def _build(tmp: Path) -> Path:
     tiers = Tiers(fast=tmp / "fast", bulk=tmp / "bulk")
-    source = wordnet_source()
-    wordnet = run_wordnet(wordnet_stage(tiers, source), source)
-    kwargs = {"vectors": run_glove(glove_stage(tiers)).path, "wordnet": wordnet.path, "max_words": DEFAULT_MAX_WORDS}
-    return run_embeddings(embedding_stage(tiers, **kwargs), **kwargs).path
+    wordnet = run_stage(tiers, WordnetStage(source=str(wordnet_source())))
+    glove = run_stage(tiers, GloveStage())
+    return run_stage(tiers, EmbeddingStage(vectors=str(glove.path), wordnet=str(wordnet.path))).path
 
 
 def main() -> None:

@@ -22,8 +22,8 @@ import h5py
 import numpy as np
 
 from storage.hdf5 import ShardWriter, join_shards
-from tasks.resize import load_square
-from tasks.sample import build_sample
+from prep.resize import load_square
+from prep.sample import build_sample
 
 
 def _evict(path: Path) -> None:

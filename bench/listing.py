@@ -16,7 +16,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from tasks.listing import list_dataset
+from prep.listing import list_dataset
 
 
 def make_tree(root: Path, classes: int, per_class: int) -> None:

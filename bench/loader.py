@@ -23,9 +23,10 @@ from torchvision import datasets, transforms
 
 from models.data import make_loader
 from storage.tiers import Tiers
-from tasks.listing import fingerprint_dataset, listing_stage, run_listing
-from tasks.resize import ResizeConfig, resize_stage, run_resize
-from tasks.sample import build_sample
+from prep.listing import ListingStage, fingerprint_dataset
+from prep.resize import ResizeConfig, ResizeStage
+from prep.sample import build_sample
+from storage.stage import run_stage
 
 
 def _epochs(loader, epochs: int, set_epoch=None) -> float:
@@ -55,11 +56,8 @@ def main() -> None:
         root = tmp / "ds"
         build_sample(root, seed=0, train_per_class=-(-args.images // 7), val_per_class=0, plant_bad_inputs=False)
         tiers = Tiers(fast=tmp / "fast", bulk=tmp / "bulk")
-        listing = run_listing(listing_stage(tiers, root=root, fingerprint=fingerprint_dataset(root), seed=0),
-                              root=root, seed=0)
-        config = ResizeConfig(size=args.size)
-        stage = run_resize(resize_stage(tiers, listing_dir=listing.path, config=config),
-                           listing_dir=listing.path, config=config)
+        listing = run_stage(tiers, ListingStage(root=str(root), fingerprint=fingerprint_dataset(root)))
+        stage = run_stage(tiers, ResizeStage(listing=str(listing.path), config=ResizeConfig(size=args.size)))
         store = stage.path / "train.h5"
         for p in root.rglob("*.JPEG"):  # both sides read from the page cache: we time CPU work
             p.read_bytes()

@@ -6,7 +6,7 @@ One run, one image set, same machine:
   one runs in a child process with Pillow 13 on its path (installed once into
   .venv/bench/pillow13 from the package index).
 - pillow-simd baseline: the same code in this process (whatever PIL the venv has).
-- our stage function (``resize_shards``: draft decode, crop+resize in one pass, HDF5 write with
+- our stage function (``ResizeStage.build_shard``: draft decode, crop+resize in one pass, HDF5 write with
   a CRC-32 per shard), on one core (one shard) and on all cores (a shard per core, a process each, as the flow
   runs them).
 Every single-core number is taken with the process pinned to one CPU (sched_setaffinity).
@@ -86,7 +86,7 @@ def _images(args, tmp: Path) -> list[str]:
 
         random.Random(0).shuffle(paths)
         return paths[: args.images]
-    from tasks.sample import build_sample
+    from prep.sample import build_sample
 
     per_class = -(-args.images // 7)
     build_sample(tmp / "ds", seed=0, train_per_class=per_class, val_per_class=0, plant_bad_inputs=False)
@@ -105,9 +105,11 @@ def main() -> None:
     import numpy as np
     from PIL import Image
 
-    from tasks.imaging import imaging_backend
-    from tasks.listing import Listing, SplitListing, write_listing
-    from tasks.resize import ResizeConfig, ShardSpec, resize_shards
+    from prep.imaging import imaging_backend
+    from prep.resize import ResizeConfig, ResizeStage
+    from prep.shards import Shard, map_shards
+    from storage.listing import Listing, SplitListing, write_listing
+    from storage.stage import StageDir
 
     namespace: dict = {}
     exec(BASELINE, namespace)  # noqa: S102  (the same baseline source the child runs)
@@ -151,21 +153,22 @@ def main() -> None:
         listing_dir = tmp / "listing"
         write_listing(Listing(root=root, classes=["c"], splits={"train": SplitListing(
             paths=rel, labels=np.zeros(n, np.int16))}, skipped=0), listing_dir)
-        config = ResizeConfig(size=size, shard_images=n)
+        StageDir("listing", "bench", listing_dir).complete(root=str(root))
+        spec = ResizeStage(listing=str(listing_dir), config=ResizeConfig(size=size, shard_images=n))
 
         def stage(shards: int):
-            """The stage's own path: ``resize_shards`` over ``shards`` equal shards (a process each)."""
+            """The stage's own path: ``map_shards`` over ``shards`` equal shards (a process each)."""
             bounds = np.linspace(0, n, shards + 1).astype(int)
-            specs = [ShardSpec("train", i, int(bounds[i]), int(bounds[i + 1]), str(listing_dir), str(root),
-                               str(tmp / f"shard-{shards}-{i}.h5")) for i in range(shards)]
+            specs = [Shard("train", i, int(bounds[i]), int(bounds[i + 1]), str(tmp / f"shard-{shards}-{i}.h5"))
+                     for i in range(shards)]
 
             def run(_):
-                for spec in specs:
-                    Path(spec.out_path).unlink(missing_ok=True)
-                resize_shards(specs, config, cores=shards, pool=pool)
+                for s in specs:
+                    Path(s.path).unlink(missing_ok=True)
+                map_shards(spec.build_shard, specs, cores=shards, pool=pool)
             return run
 
-        pool = None  # one shard: resize_shards runs it in this process
+        pool = None  # one shard: map_shards runs it in this process
         stage_1 = _best_ips(stage(1), paths, args.reps)
         os.sched_setaffinity(0, all_cpus)
         # one pool for every repetition, warmed first: process start-up (~2 s each) is paid once

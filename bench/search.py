@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from embeddings import _build  # noqa: E402  (the same real word table as bench/embeddings.py)
 
 from storage.vector_index import VectorIndex, build_index, recall_at, unit_rows  # noqa: E402
-from tasks.embeddings import WordTable  # noqa: E402
+from storage.words import WordTable  # noqa: E402
 
 
 def main() -> None:

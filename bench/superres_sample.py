@@ -18,9 +18,10 @@ from pathlib import Path
 
 import torch
 
-from models.restore import SuperResConfig, evaluate_superres, train_superres
 from models.schedule import one_cycle
-from tasks.crappify import CrappifyConfig, crappify_stage, run_crappify
+from prep.crappify import CrappifyConfig, CrappifyStage
+from storage.stage import run_stage
+from training.superres import SuperResConfig, evaluate_superres, train_superres
 
 sys.path.insert(0, str(Path(__file__).parent))
 from trainbench import sample_store  # noqa: E402
@@ -41,8 +42,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory(dir=os.environ.get("TMPDIR")) as tmp:
         tmp = Path(tmp)
         tiers, high = sample_store(tmp, args.high)
-        cc = CrappifyConfig(crappifier=args.crappifier, size=args.low)
-        low = run_crappify(crappify_stage(tiers, resize_dir=high.path, config=cc), resize_dir=high.path, config=cc)
+        low = run_stage(tiers, CrappifyStage(source=str(high.path),
+                                             config=CrappifyConfig(crappifier=args.crappifier, size=args.low)))
         config = SuperResConfig(arch=args.arch, loss=args.loss, batch_size=args.batch, pretrained=True,
                                 phases=tuple(one_cycle(args.epochs, args.lr)))
         t = time.perf_counter()

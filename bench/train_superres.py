@@ -24,7 +24,8 @@ sys.path.insert(0, str(Path(__file__).parent))
 from trainbench import device_info, from_loader, resident, synthetic_store, timed_training  # noqa: E402
 
 from models.data import make_loader  # noqa: E402
-from models.restore import SuperResConfig, build, to_unit  # noqa: E402
+from models.data import to_unit  # noqa: E402
+from training.superres import SuperResConfig, make_trainer  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> list[dict[str, float]]:
@@ -56,7 +57,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, float]]:
 
             def run(batches):
                 torch.manual_seed(0)
-                model, optimizer, loss_fn = build(SuperResConfig(arch=args.arch, pretrained=False), args.scale)
+                model, optimizer, loss_fn = make_trainer(SuperResConfig(arch=args.arch, pretrained=False), args.scale)
                 loss_fn = loss_fn.to(device) if isinstance(loss_fn, torch.nn.Module) else loss_fn
                 return timed_training(model, optimizer, loss_fn, batches, steps=args.steps, warmup=args.warmup,
                                       batch_size=batch, device=device)

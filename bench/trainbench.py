@@ -25,18 +25,16 @@ from storage.hdf5 import ShardWriter
 
 def sample_store(tmp: Path, size: int):
     """(tiers, finished resize stage) of the bundled sample (7 classes x 40 train + 10 val) at ``size``."""
+    from prep.listing import ListingStage, fingerprint_dataset
+    from prep.resize import ResizeConfig, ResizeStage
+    from prep.sample import build_sample
+    from storage.stage import run_stage
     from storage.tiers import Tiers
-    from tasks.listing import fingerprint_dataset, listing_stage, run_listing
-    from tasks.resize import ResizeConfig, resize_stage, run_resize
-    from tasks.sample import build_sample
 
     build_sample(tmp / "ds", seed=0, plant_bad_inputs=False)
     tiers = Tiers(fast=tmp / "fast", bulk=tmp / "bulk")
-    listing = run_listing(listing_stage(tiers, root=tmp / "ds", fingerprint=fingerprint_dataset(tmp / "ds"), seed=0),
-                          root=tmp / "ds", seed=0)
-    rc = ResizeConfig(size=size)
-    return tiers, run_resize(resize_stage(tiers, listing_dir=listing.path, config=rc), listing_dir=listing.path,
-                             config=rc)
+    listing = run_stage(tiers, ListingStage(root=str(tmp / "ds"), fingerprint=fingerprint_dataset(tmp / "ds")))
+    return tiers, run_stage(tiers, ResizeStage(listing=str(listing.path), config=ResizeConfig(size=size)))
 
 
 def synthetic_store(path: Path, n: int, size: int, *, classes: int = 1000, seed: int = 0) -> Path:

@@ -4,19 +4,15 @@ from __future__ import annotations
 
 from prefect import flow
 
-from flows.logs import route_stage_logs
 from flows.pipeline import pipeline
 from storage.tiers import Tiers
 from storage.vector_index import DEFAULT_ANN_ABOVE
-from tasks.devise import (
-    FeaturesConfig,
-    FinetuneConfig,
-    HeadConfig,
-    build_index_task,
-    compute_features_task,
-    finetune_devise_task,
-    train_devise_task,
-)
+from tasks.logs import route_stage_logs
+from tasks.stages import stage
+from training.devise.features import FeaturesConfig, FeaturesStage
+from training.devise.finetune import FinetuneConfig, FinetuneStage
+from training.devise.head import DeviseStage, HeadConfig
+from training.devise.search import IndexStage
 
 
 @flow(name="imagesmith-devise")
@@ -52,13 +48,14 @@ def devise(
     head = HeadConfig(epochs=epochs, lr=lr, batch_size=batch_size, hidden=hidden, dropout=dropout,
                       zero_shot=tuple(zero_shot) if zero_shot is not None else None, seed=seed)  # validates first
     stages = pipeline(source=source, seed=seed, size=size, words=True, word_vectors=word_vectors, refresh=refresh)
-    features_config = FeaturesConfig(backbone=backbone, pretrained=pretrained, flips=flips, seed=seed)
-    features = compute_features_task(stages["resize"], features_config, tiers)
-    model_dir = train_devise_task(features, stages["words"], head, tiers)
+    features = stage(FeaturesStage(resize=stages["resize"], config=FeaturesConfig(
+        backbone=backbone, pretrained=pretrained, flips=flips, seed=seed)), tiers, refresh=refresh)
+    model_dir = stage(DeviseStage(features=features, words=stages["words"], config=head), tiers, refresh=refresh)
     outputs = {**stages, "devise-features": features, "devise": model_dir}
     if finetune_epochs:
-        model_dir = finetune_devise_task(model_dir, FinetuneConfig(epochs=finetune_epochs, lr=finetune_lr,
-                                                                   batch_size=finetune_batch_size, seed=seed), tiers)
+        model_dir = stage(FinetuneStage(devise=model_dir, config=FinetuneConfig(
+            epochs=finetune_epochs, lr=finetune_lr, batch_size=finetune_batch_size, seed=seed)), tiers,
+            refresh=refresh)
         outputs["devise-finetune"] = model_dir
-    outputs["devise-index"] = build_index_task(model_dir, tiers, ann_above)
+    outputs["devise-index"] = stage(IndexStage(model=model_dir, ann_above=ann_above), tiers, refresh=refresh)
     return outputs

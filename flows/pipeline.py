@@ -1,51 +1,21 @@
-"""The full pipeline flow: the stages that exist, chained by paths (never arrays)."""
+"""The data pipeline flow: the stages that exist, chained by paths (never arrays)."""
 
 from __future__ import annotations
 
-from typing import Any
+from prefect import flow
 
-from prefect import Task, flow, unmapped
-
-from flows.logs import route_stage_logs
-from flows.runners import shard_runner
+from flows.shards import run_sharded
+from prep.crappify import CrappifyConfig, CrappifyStage
+from prep.listing import ListingStage
+from prep.resize import DEFAULT_SIZE, ResizeConfig, ResizeStage
+from prep.sample import SampleStage
+from prep.shards import DEFAULT_SHARD_IMAGES
+from prep.wordnet import WordnetStage, wordnet_source
+from prep.words import DEFAULT_MAX_WORDS, EmbeddingStage, GloveStage
 from storage.tiers import Tiers
-from tasks.caching import stage_task_options
-from tasks.crappify import CRAPPIFY_VERSION, CrappifyConfig, crappify_shard_task, join_crappify, plan_crappify_task
-from tasks.embeddings import DEFAULT_MAX_WORDS, EMBED_VERSION, build_word_table, prepare_word_vectors, prepare_wordnet
-from tasks.listing import LISTING_VERSION, fingerprint_dataset_task, list_and_shuffle
-from tasks.resize import (
-    DEFAULT_SHARD_IMAGES,
-    DEFAULT_SIZE,
-    RESIZE_VERSION,
-    ResizeConfig,
-    ShardSpec,
-    join_resize,
-    plan_resize,
-    resize_shard_task,
-)
-from tasks.sample import SAMPLE_VERSION, build_sample_dataset
-
-
-def run_shard_tasks(name: str, shard_task: Task, specs: list, config: Any, *, code_version: int,
-                    dask_address: str | None, refresh: bool) -> list[dict[str, Any]]:
-    """Every shard task of a stage in a subflow ``name`` on the right runner (processes or Dask)."""
-    runner, workers = shard_runner(len(specs), dask_address)
-
-    @flow(name=name, task_runner=runner)
-    def shards(specs: list, config: Any, workers: int | None) -> list[dict[str, Any]]:
-        route_stage_logs()
-        cached = shard_task.with_options(
-            **stage_task_options(Tiers.from_env(), code_version=code_version, refresh=refresh))
-        return cached.map(specs, unmapped(config), unmapped(workers)).result()
-
-    return shards(specs, config, workers)
-
-
-def resize_shards(specs: list[ShardSpec], config: ResizeConfig, *, dask_address: str | None = None,
-                  refresh: bool = False) -> list[dict[str, Any]]:
-    """Every shard of the resize stage, in the ``resize-shards`` subflow."""
-    return run_shard_tasks("resize-shards", resize_shard_task, specs, config, code_version=RESIZE_VERSION,
-                           dask_address=dask_address, refresh=refresh)
+from storage.wordvec import check_vector_path
+from tasks.logs import route_stage_logs
+from tasks.stages import fingerprint_task, stage
 
 
 @flow(name="imagesmith-pipeline")
@@ -76,34 +46,23 @@ def pipeline(
     """
     route_stage_logs()
     tiers = Tiers.from_env()
-    config = ResizeConfig(size=size, shard_images=shard_images)  # validates before any work
-    cached = {"refresh": refresh}
+    # every parameter is checked before any work
+    resize = ResizeConfig(size=size, shard_images=shard_images)
+    crappify = CrappifyConfig(crappifier=crappifier, size=crappify_size, seed=seed) if crappifier else None
+    vectors = str(check_vector_path(word_vectors)) if words and word_vectors else None
     if source is None:
-        sample = build_sample_dataset.with_options(**stage_task_options(tiers, code_version=SAMPLE_VERSION, **cached))
-        source = sample(tiers, sample_seed, sample_train_per_class, sample_val_per_class)
-    fingerprint = fingerprint_dataset_task(source)
-    listing = list_and_shuffle.with_options(
-        **stage_task_options(tiers, code_version=LISTING_VERSION, **cached)
-    )(source, fingerprint, seed, tiers)
-
-    specs = plan_resize(listing, config, tiers)
-    results = resize_shards(specs, config, dask_address=dask_address, refresh=refresh)
-    resized = join_resize.with_options(
-        **stage_task_options(tiers, code_version=RESIZE_VERSION, **cached)
-    )(listing, config, tiers, specs, results)
+        source = stage(SampleStage(seed=sample_seed, train_per_class=sample_train_per_class,
+                                   val_per_class=sample_val_per_class), tiers, refresh=refresh)
+    listing = stage(ListingStage(root=source, fingerprint=fingerprint_task(source), seed=seed), tiers, refresh=refresh)
+    resized = run_sharded(ResizeStage(listing=listing, config=resize), tiers, dask_address=dask_address,
+                          refresh=refresh)
     outputs = {"dataset": source, "listing": listing, "resize": resized}
-    if crappifier:
-        crap_config = CrappifyConfig(crappifier=crappifier, size=crappify_size, seed=seed)
-        crap_specs = plan_crappify_task(resized, crap_config, tiers)
-        crap_results = run_shard_tasks("crappify-shards", crappify_shard_task, crap_specs, crap_config,
-                                       code_version=CRAPPIFY_VERSION, dask_address=dask_address, refresh=refresh)
-        outputs["crappify"] = join_crappify.with_options(
-            **stage_task_options(tiers, code_version=CRAPPIFY_VERSION, **cached)
-        )(resized, crap_config, tiers, crap_specs, crap_results)
+    if crappify:
+        outputs["crappify"] = run_sharded(CrappifyStage(source=resized, config=crappify), tiers,
+                                          dask_address=dask_address, refresh=refresh)
     if words:
-        vectors = prepare_word_vectors(tiers, word_vectors)
-        wordnet = prepare_wordnet(tiers)
-        outputs["words"] = build_word_table.with_options(
-            **stage_task_options(tiers, code_version=EMBED_VERSION, **cached)
-        )(tiers, vectors, wordnet, max_words)
+        vectors = vectors or stage(GloveStage(), tiers, refresh=refresh)
+        wordnet = stage(WordnetStage(source=str(wordnet_source())), tiers, refresh=refresh)
+        outputs["words"] = stage(EmbeddingStage(vectors=vectors, wordnet=wordnet, max_words=max_words), tiers,
+                                 refresh=refresh)
     return outputs

@@ -1,17 +1,15 @@
-"""Super-resolution: crappify -> train (progressive resizing) -> evaluate -> export, on top of the pipeline's stages."""
+"""Super-resolution: the pipeline to crappified pairs (one per size) -> train, evaluate, export."""
 
 from __future__ import annotations
 
-from dataclasses import replace
-
 from prefect import flow
 
-from flows.logs import route_stage_logs
 from flows.pipeline import pipeline
-from models.restore import SuperResConfig, progressive_phases
-from models.schedule import one_cycle
+from storage.stage import open_stage
 from storage.tiers import Tiers
-from tasks.superres import evaluate_superres_task, train_superres_task
+from tasks.logs import route_stage_logs
+from tasks.stages import stage
+from training.superres import SuperResStage, superres_plan
 
 
 @flow(name="imagesmith-superres")
@@ -41,24 +39,11 @@ def superres(
     with the U-Net's encoder at 1/10 of the learning rate.
     """
     route_stage_logs()
-    if progressive_from is not None and not 0 < progressive_from < high_size:
-        raise ValueError(f"progressive_from must be between 0 and high_size {high_size}, got {progressive_from}")
-    if high_size % low_size:
-        raise ValueError(f"high_size {high_size} must be a multiple of low_size {low_size}")
-    sizes = [(high_size, low_size, batch_size)]
-    if progressive_from:
-        small_low = progressive_from * low_size // high_size
-        sizes.insert(0, (progressive_from, small_low, small_batch_size or 2 * batch_size))
+    sizes, config = superres_plan(arch=arch, loss=loss, high_size=high_size, low_size=low_size,
+                                  progressive_from=progressive_from, epochs=epochs, lr=lr, batch_size=batch_size,
+                                  small_batch_size=small_batch_size, pretrained=pretrained, seed=seed)
     crappified = [pipeline(source=source, seed=seed, size=high, crappifier=crappifier, crappify_size=low,
-                           words=False, refresh=refresh) for high, low, _ in sizes]
-    if progressive_from:
-        phases = progressive_phases([(high, batch) for high, _, batch in sizes], epochs, lr)
-    elif arch == "johnson":
-        phases = tuple(one_cycle(epochs, lr))
-    else:  # the U-Net's [encoder, rest] groups: the pretrained encoder learns at 1/10 of the rate
-        phases = tuple(replace(p, group_scales=(0.1, 1.0)) for p in one_cycle(epochs, lr))
-    config = SuperResConfig(arch=arch, loss=loss, batch_size=batch_size, phases=phases, pretrained=pretrained,
-                            seed=seed)
-    model_dir = train_superres_task([c["crappify"] for c in crappified], config, Tiers.from_env())
-    metrics = evaluate_superres_task(model_dir, crappified[-1]["crappify"])
-    return {**crappified[-1], "superres": model_dir, "metrics": metrics}
+                           words=False, refresh=refresh) for high, low in sizes]
+    model_dir = stage(SuperResStage(pairs=tuple(c["crappify"] for c in crappified), config=config),
+                      Tiers.from_env(), refresh=refresh)
+    return {**crappified[-1], "superres": model_dir, "metrics": open_stage(model_dir).manifest()["evaluation"]}

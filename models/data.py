@@ -8,6 +8,7 @@ on the device (``to_float_nchw``), where NHWC -> NCHW by ``permute`` is channels
 
 from __future__ import annotations
 
+import logging
 import math
 import multiprocessing
 import os
@@ -19,6 +20,8 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from storage.hdf5 import DEFAULT_CHUNK_IMAGES, open_store
+
+log = logging.getLogger(__name__)
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -160,6 +163,24 @@ def make_loader(store: str | Path, batch_size: int, *, num_workers: int = 2, pin
         ctx.set_forkserver_preload(["models.data"])
         workers = {"prefetch_factor": 4, "persistent_workers": True, "multiprocessing_context": ctx}
     return DataLoader(stream, batch_size=None, num_workers=num_workers, pin_memory=pin_memory, **workers)
+
+
+def store_batches(images, batch_size: int, device: torch.device | str, *, what: str,
+                  log_every: float = 0.1) -> Iterator[tuple[int, torch.Tensor]]:
+    """(first row, ImageNet-normalised float batch on ``device``) for consecutive batches of a store's
+    uint8 ``images`` dataset, in row order (inference passes); logs progress every 10%."""
+    n, logged = len(images), 0
+    for a in range(0, n, batch_size):
+        yield a, to_float_nchw(torch.from_numpy(images[a:a + batch_size]), device)
+        done = min(a + batch_size, n)
+        if done / max(n, 1) >= logged + log_every or done == n:
+            logged = done / max(n, 1)
+            log.info("%s: %d/%d images", what, done, n)
+
+
+def to_unit(images: torch.Tensor, device: torch.device | str) -> torch.Tensor:
+    """uint8 (B, H, W, 3) -> float (B, 3, H, W) in [0, 1] on ``device`` (restoration models' range)."""
+    return images.to(device, non_blocking=True).permute(0, 3, 1, 2).float().div_(255)
 
 
 def to_float_nchw(images: torch.Tensor, device: torch.device | str, *, mean=IMAGENET_MEAN, std=IMAGENET_STD,

@@ -44,12 +44,23 @@ class TrainConfig:
     checkpoint_dir: Path
     checkpoint_every: int = 0  # steps; 0: only at the end of each epoch
     seed: int = 0
-    device: str = "cuda" if torch.cuda.is_available() else "cpu"
+    device: str | None = None  # None: CUDA when available, else CPU (decided when training starts)
     bf16: bool = True  # autocast on CUDA only
     channels_last: bool = True  # CUDA only
     grad_clip: float | None = None
-    progress: bool = sys.stderr.isatty()
+    progress: bool | None = None  # a progress line on stderr; None: when stderr is a terminal
     tensorboard_dir: Path | None = None  # per-step loss/lr and per-epoch records, when set
+
+
+def default_device(device: str | None = None) -> str:
+    """``device``, or CUDA when this process can use it, else CPU."""
+    return device or ("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def autocast(device: torch.device | str, enabled: bool = True):
+    """bf16 autocast on CUDA (when ``enabled``); a no-op context on the CPU."""
+    device = torch.device(device)
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=enabled and device.type == "cuda")
 
 
 def seed_everything(seed: int) -> None:
@@ -148,19 +159,24 @@ def train(model: nn.Module, optimizer: torch.optim.Optimizer, schedule: PhaseSch
     order comes from ``set_epoch``): exact resume relies on it. ``stop_after_steps`` stops early
     (after checkpointing), for runs split across jobs.
     """
-    device = torch.device(config.device)
+    device = torch.device(default_device(config.device))
     cuda = device.type == "cuda"
+    progress = sys.stderr.isatty() if config.progress is None else config.progress
     model.to(device)
     if cuda and config.channels_last:
         model.to(memory_format=torch.channels_last)
     ckpt = Path(config.checkpoint_dir) / CHECKPOINT
-    step, history, sums, seen = 0, [], defaultdict(float), 0
+    # per loss term: its sum over the epoch's samples, and how many samples it was computed on
+    # (a term may appear on some steps only, e.g. a GAN's generator and critic terms alternate)
+    step, history, sums, counts = 0, [], defaultdict(float), defaultdict(int)
     if resume and ckpt.is_file():
         state = load_checkpoint(ckpt)
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         step, history = state["step"], state["history"]
-        sums, seen = defaultdict(float, state["epoch_sums"]), state["epoch_seen"]
+        sums = defaultdict(float, state["epoch_sums"])
+        # checkpoints written before per-term counts held one count for every term
+        counts = defaultdict(int, state.get("epoch_counts") or dict.fromkeys(sums, state.get("epoch_seen", 0)))
         _set_rng_state(state["rng"])
         log.info("resumed from %s at step %d (epoch %d)", ckpt, step, step // schedule.steps_per_epoch)
     else:
@@ -169,8 +185,8 @@ def train(model: nn.Module, optimizer: torch.optim.Optimizer, schedule: PhaseSch
     def checkpoint() -> None:
         save_checkpoint(ckpt, model=model.state_dict(), optimizer=optimizer.state_dict(), step=step,
                         epoch=step // schedule.steps_per_epoch, rng=_rng_state(),
-                        epoch_sums={k: float(v) for k, v in sums.items()},
-                        epoch_seen=seen, history=history, config={**asdict(config), "checkpoint_dir": str(ckpt.parent)})
+                        epoch_sums={k: float(v) for k, v in sums.items()}, epoch_counts=dict(counts),
+                        history=history, config={**asdict(config), "checkpoint_dir": str(ckpt.parent)})
 
     with _tensorboard(config.tensorboard_dir, step) as writer:
         spe = schedule.steps_per_epoch
@@ -191,7 +207,7 @@ def train(model: nn.Module, optimizer: torch.optim.Optimizer, schedule: PhaseSch
                 x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
                 if cuda and config.channels_last and x.dim() == 4:
                     x = x.contiguous(memory_format=torch.channels_last)
-                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda and config.bf16):
+                with autocast(device, config.bf16):
                     terms = _terms(loss_fn(model(x), y))
                 optimizer.zero_grad(set_to_none=True)
                 terms["loss"].backward()
@@ -200,13 +216,13 @@ def train(model: nn.Module, optimizer: torch.optim.Optimizer, schedule: PhaseSch
                 optimizer.step()
                 step += 1
                 taken += 1
-                seen += len(x)
                 for name, value in terms.items():  # summed on the device: no host sync per step
                     sums[name] = sums[name] + value.detach().double() * len(x)
+                    counts[name] += len(x)
                 if writer is not None:
                     writer.add_scalar("train/loss", float(terms["loss"].detach()), step)
                     writer.add_scalar("train/lr", lr, step)
-                if config.progress and i % 10 == 0:
+                if progress and i % 10 == 0:
                     print(f"\repoch {epoch + 1}/{schedule.epochs} step {i + 1}/{spe} loss {float(terms['loss']):.4f}",
                           end="", file=sys.stderr)
                 if config.checkpoint_every and step % config.checkpoint_every == 0 and step % spe:
@@ -217,7 +233,7 @@ def train(model: nn.Module, optimizer: torch.optim.Optimizer, schedule: PhaseSch
             if skip + taken < spe:
                 raise ValueError(f"epoch {epoch} gave {skip + taken} batches; the schedule expects {spe} per epoch")
             record = {"epoch": epoch, "phase": phase_index, "lr": lr, "step": step,
-                      **{name: float(total) / max(seen, 1) for name, total in sums.items()},
+                      **{name: float(total) / max(counts[name], 1) for name, total in sums.items()},
                       "seconds": round(time.perf_counter() - start, 3)}
             if evaluate is not None:
                 model.eval()
@@ -229,9 +245,9 @@ def train(model: nn.Module, optimizer: torch.optim.Optimizer, schedule: PhaseSch
                     if isinstance(value, float) and name not in ("lr", "seconds"):
                         writer.add_scalar(f"epoch/{name}", value, epoch)
                 writer.flush()
-            sums, seen = defaultdict(float), 0
+            sums, counts = defaultdict(float), defaultdict(int)
             checkpoint()
-            if config.progress:
+            if progress:
                 print(file=sys.stderr)
             log.info("epoch %d/%d: %s", epoch + 1, schedule.epochs,
                      {k: round(v, 5) if isinstance(v, float) else v for k, v in record.items()})

@@ -1,24 +1,34 @@
-"""Stage directories: ``<tier>/<stage>/<key>/`` with a manifest written last, atomically.
+"""Stages: what each one is (a ``StageSpec``), where it lives (``StageDir``), and the one lifecycle
+that runs it (``run_stage``).
 
-The key is a hash of everything the stage's output depends on (inputs, parameters, a code
-version). A stage whose ``manifest.json`` exists is done; one without a manifest was never
-finished (or was interrupted) and is redone.
+A stage writes into its own directory ``<tier>/<stage>/<key>/``. The key is a hash of everything
+its output depends on: the spec's parameters, the keys of the stages it reads, and a code version.
+A stage whose ``manifest.json`` exists is done; one without a manifest was never finished (or was
+interrupted) and is redone. The manifest is written last, atomically.
+
+A spec states its parameters once (the fields of a frozen dataclass): the same object names the
+directory and builds it, so a build can never land under another parameter set's key.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
+import logging
 import re
 import shutil
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from storage.atomic import atomic_write_json
+from storage.report import Reporter
 from storage.tiers import Tiers
+
+log = logging.getLogger(__name__)
 
 MANIFEST_NAME = "manifest.json"
 _STAGE_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]*$")
@@ -99,3 +109,86 @@ def open_stage(path: Path | str) -> StageDir:
     done = StageDir(stage=path.parent.name, key=path.name, path=path)
     manifest = done.manifest()
     return StageDir(stage=manifest["stage"], key=manifest["key"], path=path, params=manifest.get("params", {}))
+
+
+# --- what a stage is ------------------------------------------------------------------------
+
+
+def upstream(**kwargs: Any) -> Any:
+    """A spec field naming a finished stage directory this stage reads: its key (not its path) goes
+    into this stage's key, so a moved tier keeps its keys. A list of directories works too."""
+    return field(metadata={"upstream": True}, **kwargs)
+
+
+def runtime(default: Any = None) -> Any:
+    """A spec field that changes how a stage runs, not what it writes (cores, device): not in the key."""
+    return field(default=default, compare=False, metadata={"key": False})
+
+
+def upstream_key(path: str | Path | list) -> str | list:
+    """``<stage>:<key>`` of a finished stage directory (or of each of a list of them)."""
+    if isinstance(path, (list, tuple)):
+        return [upstream_key(p) for p in path]
+    done = open_stage(path)
+    return f"{done.stage}:{done.key}"
+
+
+def _plain(value: Any) -> Any:
+    return dataclasses.asdict(value) if dataclasses.is_dataclass(value) else value
+
+
+class StageSpec:
+    """What one stage is: its name, tier and code version (class attributes), its inputs and
+    parameters (the fields of a frozen dataclass subclass), and how to build it.
+
+    ``build(out, report)`` writes everything into ``out`` and returns the facts for the manifest;
+    ``summarize(stage, report)`` publishes what a finished stage shows a person (tables, pictures),
+    from its files. ``run_stage`` owns everything else: skip when done, prepare, build, complete.
+    """
+
+    name: ClassVar[str]
+    tier: ClassVar[str] = "fast"
+    version: ClassVar[int] = 1
+    clean: ClassVar[bool] = False  # an interrupted build starts over (True) or resumes in place (False)
+    retries: ClassVar[int] = 0  # orchestrator retries: only where a second try can help (resumable work)
+
+    def key_params(self) -> dict[str, Any]:
+        """What the key hashes: the code version, every keyed field, upstream stages by their key."""
+        params: dict[str, Any] = {"version": self.version}
+        for f in dataclasses.fields(self):  # type: ignore[arg-type]
+            if not f.metadata.get("key", True):
+                continue
+            value = getattr(self, f.name)
+            params[f.name] = upstream_key(value) if f.metadata.get("upstream") else _plain(value)
+        return params
+
+    def stage_dir(self, tiers: Tiers) -> StageDir:
+        return stage_dir(tiers, self.tier, self.name, self.key_params())
+
+    def build(self, out: Path, report: Reporter) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def summarize(self, stage: StageDir, report: Reporter) -> None:
+        """Publish what a finished stage shows (default: nothing beyond the log)."""
+
+
+Build = Callable[[Path, Reporter], Mapping[str, Any]]
+
+
+def run_stage(tiers: Tiers, spec: StageSpec, report: Reporter | None = None, *,
+              build: Build | None = None) -> StageDir:
+    """The stage lifecycle, the only copy: a finished stage is left alone; otherwise prepare its
+    directory, build it (``spec.build``, or ``build``: the last step of a stage whose earlier
+    steps ran elsewhere, e.g. the join of a sharded stage), and write the manifest last."""
+    report = report or Reporter()
+    stage = spec.stage_dir(tiers)
+    if stage.is_complete:
+        log.info("%s: %s is complete; nothing to do", spec.name, stage.path)
+    else:
+        stage.prepare(clean=spec.clean)
+        start = time.perf_counter()
+        facts = (build or spec.build)(stage.path, report)
+        stage.complete(**facts)
+        log.info("%s: built %s in %.1f s", spec.name, stage.path, time.perf_counter() - start)
+    spec.summarize(stage, report)
+    return stage

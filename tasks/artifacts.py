@@ -1,22 +1,17 @@
-"""Prefect artifacts the training tasks share."""
+"""A ``Reporter`` that publishes what stages report as Prefect artifacts of the current run."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any
 
-from prefect.artifacts import create_table_artifact
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
+
+from storage.report import Reporter
 
 
-def epoch_table(key: str, description: str) -> Callable[[dict[str, Any]], None]:
-    """An ``on_epoch`` callback that republishes the table of every epoch so far under ``key``
-    (the Prefect UI shows the latest version while the run goes on)."""
-    history: list[dict[str, Any]] = []
+class ArtifactReporter(Reporter):
+    def table(self, key: str, rows: list[dict[str, Any]], description: str = "") -> None:
+        create_table_artifact(key=key, table=rows, description=description)
 
-    def publish(record: dict[str, Any]) -> None:
-        history.append(record)
-        create_table_artifact(key=key, description=description,
-                              table=[{k: (round(v, 5) if isinstance(v, float) else v) for k, v in r.items()}
-                                     for r in history])
-
-    return publish
+    def markdown(self, key: str, text: str, description: str = "") -> None:
+        create_markdown_artifact(key=key, markdown=text, description=description)

@@ -1,12 +1,14 @@
-from flows.offline import apply_offline_defaults
+from imagesmith.offline import apply_offline_defaults
 
 # Offline Prefect before anything imports it (bare pytest too, not only `make test`).
 apply_offline_defaults()
 
 import pytest  # noqa: E402
 
+from prep.sample import build_sample  # noqa: E402
+from storage.stage import StageDir, run_stage  # noqa: E402
 from storage.tiers import Tiers  # noqa: E402
-from tasks.sample import build_sample  # noqa: E402
+from tests.helpers import run_listing, run_resize  # noqa: E402
 
 SMALL_SAMPLE = {"seed": 0, "train_per_class": 4, "val_per_class": 2}
 
@@ -35,6 +37,34 @@ def planted(sample_build):
 
 
 @pytest.fixture(scope="session")
+def session_tiers(tmp_path_factory):
+    """Tiers shared by the session's read-only stages (listing and resized stores of the sample)."""
+    root = tmp_path_factory.mktemp("session-tiers")
+    return Tiers(fast=root / "fast", bulk=root / "bulk")
+
+
+@pytest.fixture(scope="session")
+def sample_listing(session_tiers, sample_root):
+    """The listing stage of the session sample (seed 0). Read-only."""
+    return run_listing(session_tiers, sample_root)
+
+
+@pytest.fixture(scope="session")
+def resized(session_tiers, sample_listing):
+    """``resized(size, **config)``: the session sample's resize stage at ``size`` px, built once per
+    configuration and shared (read-only; write stages that read it into a test's own tiers)."""
+    built: dict[tuple, StageDir] = {}
+
+    def make(size: int, **config) -> StageDir:
+        key = (size, *sorted(config.items()))
+        if key not in built:
+            built[key] = run_resize(session_tiers, sample_listing, size=size, cores=1, **config)
+        return built[key]
+
+    return make
+
+
+@pytest.fixture(scope="session")
 def prefect_server():
     """One real Prefect server subprocess on 127.0.0.1 with a temporary SQLite DB, for the flow tests."""
     from prefect.testing.utilities import prefect_test_harness
@@ -46,22 +76,20 @@ def prefect_server():
 @pytest.fixture(scope="session")
 def word_tiers(tmp_path_factory):
     """Tiers holding the real word table: WordNet 3.0 (Debian) + the bundled GloVe 6B 50-d. ~30 s, once."""
-    from tasks.embeddings import DEFAULT_MAX_WORDS, embedding_stage, glove_stage, run_embeddings, run_glove
-    from tasks.wordnet import run_wordnet, wordnet_source, wordnet_stage
+    from prep.wordnet import WordnetStage, wordnet_source
+    from prep.words import EmbeddingStage, GloveStage
 
     root = tmp_path_factory.mktemp("words")
     tiers = Tiers(fast=root / "fast", bulk=root / "bulk")
-    source = wordnet_source()
-    wordnet = run_wordnet(wordnet_stage(tiers, source), source)
-    glove = run_glove(glove_stage(tiers))
-    kwargs = {"vectors": glove.path, "wordnet": wordnet.path, "max_words": DEFAULT_MAX_WORDS}
-    run_embeddings(embedding_stage(tiers, **kwargs), **kwargs)
+    wordnet = run_stage(tiers, WordnetStage(source=str(wordnet_source())))
+    glove = run_stage(tiers, GloveStage())
+    run_stage(tiers, EmbeddingStage(vectors=str(glove.path), wordnet=str(wordnet.path)))
     return tiers
 
 
 @pytest.fixture(scope="session")
 def word_table(word_tiers):
-    from tasks.embeddings import WordTable
+    from storage.words import WordTable
 
     (stage,) = (word_tiers.fast / "embeddings").iterdir()
     return WordTable(stage)

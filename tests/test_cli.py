@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from flows.cli import main
-from flows.server import api_url, is_healthy
-from tasks.imaging import imaging_backend
+from imagesmith.cli import main
+from imagesmith.server import api_url, is_healthy
+from prep.imaging import imaging_backend
 
 REPO = Path(__file__).resolve().parents[1]
 

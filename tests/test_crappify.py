@@ -2,9 +2,8 @@ import h5py
 import numpy as np
 import pytest
 
-from tasks.crappify import CRAPPIFIERS, CrappifyConfig, JpegText, crappify_stage, image_rng, make_crappifier, run_crappify
-from tasks.listing import fingerprint_dataset, listing_stage, run_listing
-from tasks.resize import ResizeConfig, resize_stage, run_resize
+from prep.crappify import CRAPPIFIERS, CrappifyConfig, CrappifyStage, JpegText, image_rng, make_crappifier
+from storage.stage import run_stage
 
 
 @pytest.fixture(scope="module")
@@ -12,7 +11,7 @@ def photo():
     """A real photo square from the bundled sample sources (the cat), 256 x 256."""
     from PIL import Image
 
-    from tasks.sample import SAMPLE_PHOTOS, photo_path
+    from prep.sample import SAMPLE_PHOTOS, photo_path
 
     with Image.open(photo_path(SAMPLE_PHOTOS[0])) as im:
         return np.asarray(im.convert("RGB").resize((256, 256)))
@@ -55,19 +54,9 @@ def test_bad_choices_name_the_accepted_ones():
         CrappifyConfig(size=4)
 
 
-def _resized(sample_root, tiers, size=64):
-    listing = run_listing(listing_stage(tiers, root=sample_root, fingerprint=fingerprint_dataset(sample_root), seed=0),
-                          root=sample_root, seed=0)
-    config = ResizeConfig(size=size, shard_images=10)
-    return run_resize(resize_stage(tiers, listing_dir=listing.path, config=config), listing_dir=listing.path,
-                      config=config)
-
-
-def test_crappified_store_is_aligned_with_its_source(sample_root, tiers):
-    resized = _resized(sample_root, tiers)
-    config = CrappifyConfig(size=24, shard_images=8)
-    stage = run_crappify(crappify_stage(tiers, resize_dir=resized.path, config=config), resize_dir=resized.path,
-                         config=config)
+def test_crappified_store_is_aligned_with_its_source(resized, tiers):
+    resized = resized(64, shard_images=10)
+    stage = run_stage(tiers, CrappifyStage(source=str(resized.path), config=CrappifyConfig(size=24, shard_images=8)))
     for split in ("train", "val"):
         with h5py.File(stage.path / f"{split}.h5") as low, h5py.File(resized.path / f"{split}.h5") as high:
             assert low["images"].shape == (high["images"].shape[0], 24, 24, 3)
@@ -81,18 +70,17 @@ def test_crappified_store_is_aligned_with_its_source(sample_root, tiers):
     assert stage.manifest()["counts"]["val"] == 14
 
 
-def test_interrupted_crappify_redoes_only_missing_shards_identically(sample_root, tiers, tmp_path):
-    resized = _resized(sample_root, tiers)
-    config = CrappifyConfig(crappifier="noise", size=16, shard_images=8)
-    stage = crappify_stage(tiers, resize_dir=resized.path, config=config)
-    run_crappify(stage, resize_dir=resized.path, config=config, cores=1)
+def test_interrupted_crappify_redoes_only_missing_shards_identically(resized, tiers, tmp_path):
+    spec = CrappifyStage(source=str(resized(64, shard_images=10).path),
+                         config=CrappifyConfig(crappifier="noise", size=16, shard_images=8), cores=1)
+    stage = run_stage(tiers, spec)
     reference = {s: h5py.File(stage.path / f"{s}.h5")["images"][()] for s in ("train", "val")}
     # simulate a crash after some shards: no manifest, no joined stores, two shards lost
     stage.manifest_path.unlink()
     for p in [*stage.path.glob("*.h5"), *sorted((stage.path / "shards").glob("train-*.h5"))[1:3]]:
         p.unlink()
     kept = {p.name: p.stat().st_mtime_ns for p in (stage.path / "shards").glob("*.h5")}
-    run_crappify(stage, resize_dir=resized.path, config=config, cores=1)
+    run_stage(tiers, spec)
     assert {p: (stage.path / "shards" / p).stat().st_mtime_ns for p in kept} == kept
     for s in ("train", "val"):
         np.testing.assert_array_equal(h5py.File(stage.path / f"{s}.h5")["images"][()], reference[s])

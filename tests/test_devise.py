@@ -13,50 +13,35 @@ from models.data import ChunkShuffleStream, to_float_nchw
 from models.devise import Devise, DeviseConfig, make_body
 from models.losses import LabelVectorLoss, cosine_loss
 from models.metrics import hit_at_k
+from storage.catalog import store_classes
 from storage.hdf5 import open_store
+from storage.image_vectors import read_embeddings
+from storage.report import Reporter
+from storage.stage import run_stage
 from storage.tiers import Tiers
 from storage.vector_index import VectorIndex, brute_force, build_index
-from tasks.devise import (
-    DeviseSearch,
-    FeaturesConfig,
-    FinetuneConfig,
-    HeadConfig,
-    devise_stage,
-    features_stage,
-    finetune_stage,
-    index_stage,
-    load_devise,
-    plan_classes,
-    read_embeddings,
-    run_devise,
-    run_features,
-    run_finetune,
-    run_index,
-    store_classes,
-)
-from tasks.listing import fingerprint_dataset, listing_stage, run_listing
-from tasks.resize import ResizeConfig, resize_stage, run_resize
+from training.devise.classes import plan_classes
+from training.devise.export import load_devise
+from training.devise.features import FeaturesConfig, FeaturesStage
+from training.devise.finetune import FinetuneConfig, FinetuneStage
+from training.devise.head import DeviseStage, HeadConfig
+from training.devise.search import DeviseSearch, IndexStage
 
 TABBY, ESPRESSO, MOTORCYCLE, PALACE = "n02123045", "n07920052", "n03790512", "n03877845"
 ZERO_SHOT = (MOTORCYCLE, ESPRESSO)
 
 
 @pytest.fixture(scope="module")
-def run(sample_root, word_table, tmp_path_factory):
+def run(resized, word_table, tmp_path_factory):
     root = tmp_path_factory.mktemp("devise")
     tiers = Tiers(fast=root / "fast", bulk=root / "bulk")
-    listing = run_listing(listing_stage(tiers, root=sample_root, fingerprint=fingerprint_dataset(sample_root), seed=0),
-                          root=sample_root, seed=0)
-    rc = ResizeConfig(size=48)
-    resized = run_resize(resize_stage(tiers, listing_dir=listing.path, config=rc), listing_dir=listing.path,
-                         config=rc, cores=1)
+    resized = resized(48)
     fc = FeaturesConfig(backbone="resnet18", pretrained=False, flips=True, batch_size=16)
-    features = run_features(features_stage(tiers, resize_dir=resized.path, config=fc), resize_dir=resized.path,
-                            config=fc, device="cpu")
+    features = run_stage(tiers, FeaturesStage(resize=str(resized.path), config=fc, device="cpu"))
     hc = HeadConfig(epochs=20, lr=1e-2, batch_size=8, hidden=64, dropout=0.1, zero_shot=ZERO_SHOT)
-    devise = run_devise(devise_stage(tiers, features_dir=features.path, words_dir=word_table.path, config=hc),
-                        features_dir=features.path, words_dir=word_table.path, config=hc, device="cpu")
-    index = run_index(index_stage(tiers, model_dir=devise.path, ann_above=10), model_dir=devise.path, ann_above=10)
+    devise = run_stage(tiers, DeviseStage(features=str(features.path), words=str(word_table.path), config=hc,
+                                          device="cpu"))
+    index = run_stage(tiers, IndexStage(model=str(devise.path), ann_above=10))
     return {"tiers": tiers, "resize": resized.path, "features": features.path, "devise": devise.path,
             "index": index.path, "classes": store_classes(resized.path)}
 
@@ -204,8 +189,7 @@ def test_hnsw_index_agrees_with_brute_force(run, word_table, tmp_path):
 
 def test_finetune_trains_end_to_end_from_the_fast_path_model(run):
     config = FinetuneConfig(epochs=2, lr=1e-4, batch_size=8, num_workers=0)
-    stage = run_finetune(finetune_stage(run["tiers"], devise_dir=run["devise"], config=config),
-                         devise_dir=run["devise"], config=config, device="cpu")
+    stage = run_stage(run["tiers"], FinetuneStage(devise=str(run["devise"]), config=config, device="cpu"))
     m = stage.manifest()
     assert m["mode"] == "finetune" and np.isfinite(m["final_loss"])
     embeddings = read_embeddings(stage.path / "embeddings.h5")
@@ -217,7 +201,7 @@ def test_finetune_trains_end_to_end_from_the_fast_path_model(run):
 
 
 def test_search_command_prints_images_and_words(run, capsys):
-    from flows.cli import main
+    from imagesmith.cli import main
 
     assert main(["search", "--text", "palace", "-k", "2", "--index", str(run["index"])]) == 0
     out = capsys.readouterr().out
@@ -247,23 +231,23 @@ def test_head_training_resumes_after_a_crash_to_the_same_model(run, word_table, 
     tiers = Tiers(fast=tmp_path / "fast", bulk=tmp_path / "bulk")
     hc = HeadConfig(epochs=4, lr=1e-2, batch_size=8, hidden=32, dropout=0.1, zero_shot=ZERO_SHOT,
                     softmax_baseline=False)
-    kwargs = {"features_dir": run["features"], "words_dir": word_table.path, "config": hc, "device": "cpu"}
-    straight = run_devise(devise_stage(tiers, **{k: kwargs[k] for k in ("features_dir", "words_dir", "config")}),
-                          **kwargs)
+    spec = DeviseStage(features=str(run["features"]), words=str(word_table.path), config=hc, device="cpu")
+    straight = run_stage(tiers, spec)
 
     class Crash(Exception):
         pass
 
-    def crash(record):
-        if record["epoch"] == 2:
-            raise Crash
+    class CrashAfterEpoch2(Reporter):
+        def table(self, key, rows, description=""):
+            if key == "devise-epochs" and len(rows) == 3:  # epoch 2 finished and checkpointed
+                raise Crash
 
     other = Tiers(fast=tmp_path / "fast2", bulk=tmp_path / "bulk2")
-    stage = devise_stage(other, features_dir=run["features"], words_dir=word_table.path, config=hc)
+    stage = spec.stage_dir(other)
     with pytest.raises(Crash):
-        run_devise(stage, **kwargs, on_epoch=crash)
+        run_stage(other, spec, CrashAfterEpoch2())
     assert not stage.is_complete and (stage.path / "devise" / "last.pt").is_file()
-    resumed = run_devise(stage, **kwargs)
+    resumed = run_stage(other, spec)
     a, _ = load_devise(straight.path)
     b, _ = load_devise(resumed.path)
     for (name, x), y in zip(a.state_dict().items(), b.state_dict().values()):

@@ -6,8 +6,8 @@ from gensim.models import KeyedVectors
 
 from storage.stage import open_stage
 from storage.wordvec import load_vectors, lowercase_vocabulary
-from tasks.embeddings import match_synset
-from tasks.wordnet import WORDNET_NOUNS, imagenet_wnids, open_wordnet, wnid
+from prep.words import match_synset
+from prep.wordnet import WORDNET_NOUNS, imagenet_wnids, open_wordnet, wnid
 
 DOG = "n02084071"  # dog.n.01
 GOLDEN_RETRIEVER = "n02099601"
@@ -85,7 +85,7 @@ def test_wordnet_copy_reads_every_noun_and_every_imagenet_class(word_tiers):
 
 
 def test_missing_wordnet_names_the_debian_package(tmp_path, monkeypatch):
-    from tasks.wordnet import wordnet_source
+    from prep.wordnet import wordnet_source
 
     monkeypatch.setenv("IMAGESMITH_WORDNET_DIR", str(tmp_path))
     with pytest.raises(FileNotFoundError, match="apt-get install wordnet-base wordnet-sense-index"):
@@ -141,7 +141,7 @@ def test_lookup_errors_name_the_bad_value(word_table):
 
 
 def test_imagenet_lists_come_from_the_files_timm_ships():
-    from tasks.wordnet import imagenet_lemmas
+    from prep.wordnet import imagenet_lemmas
 
     assert len(imagenet_wnids("21k")) == 21843 and imagenet_wnids("1k")[0] == "n01440764"  # tench
     lemmas = imagenet_lemmas()

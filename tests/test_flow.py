@@ -10,7 +10,7 @@ import h5py
 import pytest
 
 from storage.stage import open_stage
-from tasks.listing import read_split
+from storage.listing import read_split
 
 
 def _task_states(flow_run_id):
@@ -29,8 +29,9 @@ def _task_states(flow_run_id):
             for run in runs:
                 if run.name.startswith(("resize-shards", "crappify-shards")):  # subflows' placeholder task runs
                     continue
-                # task run names are "<task name>-<suffix>"
-                states.setdefault(run.name.rsplit("-", 1)[0], []).append(run.state.name)
+                # task run names are "<task name>/<stage key or shard>" ("<task name>-<suffix>" when not ours)
+                name = run.name.split("/")[0] if "/" in run.name else run.name.rsplit("-", 1)[0]
+                states.setdefault(name, []).append(run.state.name)
             return {name: sorted(v) for name, v in states.items()}
 
     # Prefect 3 records task-run states asynchronously: a just-finished run can still read as Pending
@@ -69,8 +70,8 @@ def test_pipeline_runs_every_stage_then_a_rerun_is_cached(prefect_server, tier_e
     with h5py.File(Path(outputs["crappify"]) / "train.h5") as f:
         assert f["images"].shape == (24, 16, 16, 3)
     first = _task_states(state.state_details.flow_run_id)
-    assert first == {"build-sample-dataset": ["Completed"], "fingerprint-dataset": ["Completed"],
-                     "list-and-shuffle": ["Completed"], "plan-resize": ["Completed"],
+    assert first == {"sample": ["Completed"], "fingerprint-dataset": ["Completed"],
+                     "listing": ["Completed"], "plan-resize": ["Completed"],
                      "resize-shard": ["Completed"] * 4, "join-resize": ["Completed"],  # 3 train + 1 val shard
                      "plan-crappify": ["Completed"], "crappify-shard": ["Completed"] * 2,  # train + val
                      "join-crappify": ["Completed"]}
@@ -79,10 +80,11 @@ def test_pipeline_runs_every_stage_then_a_rerun_is_cached(prefect_server, tier_e
 
     rerun = pipeline(**params, return_state=True)
     assert rerun.result() == outputs
+    # finished stages plan no shard: only the joins answer, from the cache
     assert _task_states(rerun.state_details.flow_run_id) == {
-        "build-sample-dataset": ["Cached"], "fingerprint-dataset": ["Completed"], "list-and-shuffle": ["Cached"],
-        "plan-resize": ["Completed"], "resize-shard": ["Cached"] * 4, "join-resize": ["Cached"],
-        "plan-crappify": ["Completed"], "crappify-shard": ["Cached"] * 2, "join-crappify": ["Cached"],
+        "sample": ["Cached"], "fingerprint-dataset": ["Completed"], "listing": ["Cached"],
+        "plan-resize": ["Completed"], "join-resize": ["Cached"],
+        "plan-crappify": ["Completed"], "join-crappify": ["Cached"],
     }
 
 
@@ -118,11 +120,11 @@ def test_stage_log_lines_reach_the_flow_run(prefect_server, tier_env):
 
     for _ in range(20):  # the API log handler ships records in the background
         logs = asyncio.run(read())
-        if any(name == "tasks.listing" for name, _ in logs):
+        if any(name == "prep.listing" for name, _ in logs):
             break
         __import__("time").sleep(0.5)
-    assert any(name == "tasks.listing" and "listing:" in msg for name, msg in logs), logs
-    assert any(name == "tasks.sample" and "train + " in msg for name, msg in logs), logs
+    assert any(name == "prep.listing" and "listing:" in msg for name, msg in logs), logs
+    assert any(name == "prep.sample" and "train + " in msg for name, msg in logs), logs
 
 
 def test_pipeline_word_stage_publishes_the_match_counts(prefect_server, word_tiers, monkeypatch):
@@ -173,7 +175,7 @@ def test_devise_flow_trains_finetunes_indexes_and_publishes_hits(prefect_server,
     from prefect.client.orchestration import get_client
 
     from flows.devise import devise
-    from tasks.devise import DeviseSearch
+    from training.devise.search import DeviseSearch
 
     # the word table is already built in these tiers (session fixture): the flow finds it done
     monkeypatch.setenv("IMAGESMITH_FAST_DIR", str(word_tiers.fast))
@@ -198,7 +200,7 @@ def test_devise_flow_trains_finetunes_indexes_and_publishes_hits(prefect_server,
 
 def test_devise_command_prints_the_hit_table_and_the_index(prefect_server, word_tiers, sample_root, monkeypatch,
                                                            capsys):
-    from flows.cli import main
+    from imagesmith.cli import main
 
     monkeypatch.setenv("IMAGESMITH_FAST_DIR", str(word_tiers.fast))
     monkeypatch.setenv("IMAGESMITH_BULK_DIR", str(word_tiers.bulk))

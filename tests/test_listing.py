@@ -3,16 +3,10 @@ import shutil
 import numpy as np
 import pytest
 
-from tasks.listing import (
-    fingerprint_dataset,
-    list_dataset,
-    listing_stage,
-    read_classes,
-    read_split,
-    run_listing,
-    shuffle_listing,
-)
-from tasks.sample import SAMPLE_PHOTOS
+from prep.listing import ListingStage, fingerprint_dataset, list_dataset, shuffle_listing
+from prep.sample import SAMPLE_PHOTOS
+from storage.listing import read_classes, read_split
+from storage.stage import run_stage
 
 N_CLASSES = len(SAMPLE_PHOTOS)
 
@@ -85,8 +79,7 @@ def test_missing_root_error_names_the_expected_layout(tmp_path):
 
 
 def test_written_listing_reads_back_in_shuffled_order(sample_root, tiers):
-    stage = listing_stage(tiers, root=sample_root, fingerprint=fingerprint_dataset(sample_root), seed=3)
-    run_listing(stage, root=sample_root, seed=3)
+    stage = run_stage(tiers, ListingStage(root=str(sample_root), fingerprint=fingerprint_dataset(sample_root), seed=3))
     expected = shuffle_listing(list_dataset(sample_root), 3)
     assert read_classes(stage.path) == expected.classes
     for split in ("train", "val"):
@@ -100,16 +93,18 @@ def test_written_listing_reads_back_in_shuffled_order(sample_root, tiers):
 
 
 def test_interrupted_listing_is_redone(sample_root, tiers):
-    stage = listing_stage(tiers, root=sample_root, fingerprint="f", seed=0)
+    spec = ListingStage(root=str(sample_root), fingerprint="f", seed=0)
+    stage = spec.stage_dir(tiers)
     stage.prepare()
     (stage.path / "train.tsv").write_text("garbage from a killed run\n")
-    run_listing(stage, root=sample_root, seed=0)
+    run_stage(tiers, spec)
     assert stage.is_complete
     assert read_split(stage.path, "train").paths == shuffle_listing(list_dataset(sample_root), 0).splits["train"].paths
 
 
 def test_finished_listing_is_not_redone(sample_root, tiers):
-    stage = run_listing(listing_stage(tiers, root=sample_root, fingerprint="f", seed=0), root=sample_root, seed=0)
+    spec = ListingStage(root=str(sample_root), fingerprint="f", seed=0)
+    stage = run_stage(tiers, spec)
     files = {p.name: (p.stat().st_ino, p.stat().st_mtime_ns) for p in stage.path.iterdir()}
-    run_listing(stage, root=sample_root, seed=0)
+    run_stage(tiers, spec)
     assert {p.name: (p.stat().st_ino, p.stat().st_mtime_ns) for p in stage.path.iterdir()} == files

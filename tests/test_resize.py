@@ -11,10 +11,14 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from prep.resize import Rejected, ResizeConfig, ResizeStage, load_square
+from prep.sample import build_sample
+from prep.shards import map_shards
+from storage.catalog import read_rejects
+from storage.listing import read_split
+from storage.stage import run_stage
 from storage.tiers import Tiers
-from tasks.listing import fingerprint_dataset, listing_stage, read_split, run_listing
-from tasks.resize import Rejected, ResizeConfig, load_square, read_rejects, resize_stage, run_resize
-from tasks.sample import build_sample
+from tests.helpers import run_listing, run_resize
 
 
 def _jpeg(path: Path, array: np.ndarray, quality: int = 95) -> Path:
@@ -89,16 +93,10 @@ def test_bad_config_values_are_named():
         ResizeConfig(compression="zstd")
 
 
-def _listing(tiers, root, seed=0):
-    return run_listing(listing_stage(tiers, root=root, fingerprint=fingerprint_dataset(root), seed=seed),
-                       root=root, seed=seed)
-
-
-def test_store_follows_listing_order_and_inputs_equal_written_plus_rejected(sample_root, planted, tiers):
-    listing = _listing(tiers, sample_root)
-    config = ResizeConfig(size=40, shard_images=8)
-    stage = run_resize(resize_stage(tiers, listing_dir=listing.path, config=config),
-                       listing_dir=listing.path, config=config)
+def test_store_follows_listing_order_and_inputs_equal_written_plus_rejected(sample_root, planted, sample_listing,
+                                                                           resized):
+    listing = sample_listing
+    stage = resized(40, shard_images=8)
     rejects = read_rejects(stage.path)
     assert {r["path"] for r in rejects} == {p for p, k in planted.items() if k in ("truncated", "empty")}
     for split in ("train", "val"):
@@ -119,11 +117,8 @@ def test_store_follows_listing_order_and_inputs_equal_written_plus_rejected(samp
     assert m["counts"]["train"]["inputs"] == m["counts"]["train"]["written"] + m["counts"]["train"]["rejected"]
 
 
-def test_store_survives_moving_the_stage_directory(sample_root, tiers, tmp_path):
-    listing = _listing(tiers, sample_root)
-    config = ResizeConfig(size=16, shard_images=10)
-    stage = run_resize(resize_stage(tiers, listing_dir=listing.path, config=config),
-                       listing_dir=listing.path, config=config)
+def test_store_survives_moving_the_stage_directory(sample_listing, tiers, tmp_path):
+    stage = run_resize(tiers, sample_listing, size=16, shard_images=10)
     with h5py.File(stage.path / "val.h5") as f:
         before = f["images"][()]
     moved = tmp_path / "elsewhere"
@@ -137,16 +132,16 @@ def test_kill_9_mid_stage_then_rerun_redoes_only_missing_shards_and_matches(tmp_
     root = tmp_path / "ds"
     build_sample(root, seed=2, train_per_class=30, val_per_class=0, plant_bad_inputs=False)
     tiers = Tiers(fast=tmp_path / "fast", bulk=tmp_path / "bulk")
-    listing = _listing(tiers, root)
-    config = ResizeConfig(size=224, shard_images=12)
-    stage = resize_stage(tiers, listing_dir=listing.path, config=config)
+    listing = run_listing(tiers, root)
+    spec = ResizeStage(listing=str(listing.path), config=ResizeConfig(size=224, shard_images=12))
+    stage = spec.stage_dir(tiers)
     code = (
         "import sys\n"
+        "from prep.resize import ResizeConfig, ResizeStage\n"
+        "from storage.stage import run_stage\n"
         "from storage.tiers import Tiers\n"
-        "from tasks.resize import ResizeConfig, resize_stage, run_resize\n"
-        "t = Tiers(fast=sys.argv[1], bulk=sys.argv[2])\n"
         "c = ResizeConfig(size=224, shard_images=12)\n"
-        "run_resize(resize_stage(t, listing_dir=sys.argv[3], config=c), listing_dir=sys.argv[3], config=c, cores=1)\n"
+        "run_stage(Tiers(fast=sys.argv[1], bulk=sys.argv[2]), ResizeStage(listing=sys.argv[3], config=c, cores=1))\n"
     )
     proc = subprocess.Popen([sys.executable, "-c", code, str(tiers.fast), str(tiers.bulk), str(listing.path)],
                             cwd=os.getcwd())
@@ -160,14 +155,13 @@ def test_kill_9_mid_stage_then_rerun_redoes_only_missing_shards_and_matches(tmp_
     assert 3 <= len(done) < 18, "the kill should land mid-stage (210 images in 18 shards)"
     assert not stage.is_complete and not (stage.path / "train.h5").exists()
 
-    run_resize(stage, listing_dir=listing.path, config=config)
+    run_stage(tiers, spec)
     assert stage.is_complete
     assert {name: (shards / name).stat().st_mtime_ns for name in done} == done  # finished shards not redone
     assert len(list(shards.glob("train-*.h5"))) == 18
     assert not list(shards.glob(".tmp-*"))  # the killed writer's temporary file was cleared
     fresh_tiers = Tiers(fast=tmp_path / "fast2", bulk=tmp_path / "bulk2")
-    fresh = run_resize(resize_stage(fresh_tiers, listing_dir=listing.path, config=config),
-                       listing_dir=listing.path, config=config)
+    fresh = run_stage(fresh_tiers, spec)
     with h5py.File(stage.path / "train.h5") as a, h5py.File(fresh.path / "train.h5") as b:
         assert a["images"].shape == (210, 224, 224, 3)
         assert a["images"][()].tobytes() == b["images"][()].tobytes()
@@ -175,7 +169,7 @@ def test_kill_9_mid_stage_then_rerun_redoes_only_missing_shards_and_matches(tmp_
 
 
 def test_local_parallelism_uses_a_process_per_shard_and_threads_for_a_lone_shard():
-    from tasks.shards import local_parallelism
+    from prep.shards import local_parallelism
 
     assert local_parallelism(10, cores=4) == (4, 1)
     assert local_parallelism(3, cores=8) == (3, 1)
@@ -184,18 +178,13 @@ def test_local_parallelism_uses_a_process_per_shard_and_threads_for_a_lone_shard
 
 
 @pytest.mark.slow
-def test_several_shards_run_in_separate_processes(sample_root, tiers):
-    from tasks.resize import plan_shards, resize_shards
-
-    listing = _listing(tiers, sample_root)
-    config = ResizeConfig(size=16, shard_images=10)
-    stage = resize_stage(tiers, listing_dir=listing.path, config=config)
-    stage.prepare()
-    specs = plan_shards(listing.path, sample_root, stage.path, "train", 10)
-    results = resize_shards(specs, config, cores=2)
+def test_several_shards_run_in_separate_processes(sample_listing, tiers):
+    spec = ResizeStage(listing=str(sample_listing.path), config=ResizeConfig(size=16, shard_images=10))
+    shards = [s for s in spec.plan(spec.stage_dir(tiers).prepare()) if s.split == "train"]
+    results = map_shards(spec.build_shard, shards, cores=2)
     workers = {r["worker"] for r in results}
     assert len(workers) == 2 and not any(w.endswith(f":{os.getpid()}") for w in workers)
-    assert sum(r["written"] + r["rejected"] for r in results) == len(read_split(listing.path, "train").paths)
+    assert sum(r["written"] + r["rejected"] for r in results) == len(read_split(sample_listing.path, "train").paths)
 
 
 def test_joining_with_a_missing_shard_names_it(tmp_path):
@@ -208,19 +197,15 @@ def test_joining_with_a_missing_shard_names_it(tmp_path):
     assert not (tmp_path / "train.h5").exists()
 
 
-def test_a_damaged_shard_is_found_and_rewritten_on_resume(sample_root, tiers, caplog):
+def test_a_damaged_shard_is_found_and_rewritten_on_resume(sample_listing, tiers, caplog):
     """A power cut after a shard's rename but before its pages reached the disk (shards are not
     fsynced one by one) leaves a shard with wrong bytes, or a short file: the resume must notice."""
     from storage.hdf5 import verify_shard
-    from tasks.resize import plan_stage, resize_shards
 
-    listing = _listing(tiers, sample_root)
-    config = ResizeConfig(size=32, shard_images=10)
-    stage = resize_stage(tiers, listing_dir=listing.path, config=config)
-    stage.prepare()
-    specs = plan_stage(listing.path, stage.path, config)
-    resize_shards(specs, config, cores=1)
-    shards = [Path(s.out_path) for s in specs]
+    spec = ResizeStage(listing=str(sample_listing.path), config=ResizeConfig(size=32, shard_images=10))
+    specs = spec.plan(spec.stage_dir(tiers).prepare())
+    map_shards(spec.build_shard, specs, cores=1)
+    shards = [Path(s.path) for s in specs]
     assert all(verify_shard(p) is None for p in shards)
     originals = {p: p.read_bytes() for p in shards}
     flipped, truncated = shards[0], shards[1]
@@ -233,7 +218,7 @@ def test_a_damaged_shard_is_found_and_rewritten_on_resume(sample_root, tiers, ca
     assert "CRC-32" in verify_shard(flipped) and verify_shard(truncated).startswith("unreadable")
     untouched = {p: p.stat().st_mtime_ns for p in shards[2:]}
 
-    results = resize_shards(specs, config, cores=1)
+    results = map_shards(spec.build_shard, specs, cores=1)
     assert [r["resumed"] for r in results] == [False, False] + [True] * (len(specs) - 2)
     assert {p: p.stat().st_mtime_ns for p in shards[2:]} == untouched
     assert flipped.read_bytes() != bytes(data) and verify_shard(flipped) is None and verify_shard(truncated) is None

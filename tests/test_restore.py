@@ -5,7 +5,10 @@ import torch
 from torch.nn import functional as F
 
 from models.metrics import psnr
-from models.restore import (
+from models.schedule import Phase
+from prep.crappify import CrappifyConfig, CrappifyStage
+from storage.stage import run_stage
+from training.superres import (
     SuperResConfig,
     enhance,
     evaluate_superres,
@@ -14,30 +17,23 @@ from models.restore import (
     store_scale,
     train_superres,
 )
-from models.schedule import Phase
-from tasks.crappify import CrappifyConfig, crappify_stage, run_crappify
-from tasks.listing import fingerprint_dataset, listing_stage, run_listing
-from tasks.resize import ResizeConfig, resize_stage, run_resize
 
 
 @pytest.fixture(scope="module")
-def pairs(sample_root, tmp_path_factory):
+def pairs(resized, tmp_path_factory):
     from storage.tiers import Tiers
 
     root = tmp_path_factory.mktemp("pairs")
     tiers = Tiers(fast=root / "fast", bulk=root / "bulk")
-    listing = run_listing(listing_stage(tiers, root=sample_root, fingerprint=fingerprint_dataset(sample_root), seed=0),
-                          root=sample_root, seed=0)
-    rc = ResizeConfig(size=32)
-    high = run_resize(resize_stage(tiers, listing_dir=listing.path, config=rc), listing_dir=listing.path, config=rc)
-    cc = CrappifyConfig(crappifier="downscale", size=8)
-    low = run_crappify(crappify_stage(tiers, resize_dir=high.path, config=cc), resize_dir=high.path, config=cc, cores=1)
+
+    def crappified(size: int, low: int):
+        high = resized(size)
+        return high, run_stage(tiers, CrappifyStage(source=str(high.path), cores=1,
+                                                    config=CrappifyConfig(crappifier="downscale", size=low)))
+
+    high, low = crappified(32, 8)
     pairs = {split: (low.path / f"{split}.h5", high.path / f"{split}.h5") for split in ("train", "val")}
-    # a second, larger pair for progressive resizing: 16 -> 64
-    rc = ResizeConfig(size=64)
-    high = run_resize(resize_stage(tiers, listing_dir=listing.path, config=rc), listing_dir=listing.path, config=rc)
-    cc = CrappifyConfig(crappifier="downscale", size=16)
-    low = run_crappify(crappify_stage(tiers, resize_dir=high.path, config=cc), resize_dir=high.path, config=cc, cores=1)
+    high, low = crappified(64, 16)  # a second, larger pair for progressive resizing: 16 -> 64
     pairs["train64"] = (low.path / "train.h5", high.path / "train.h5")
     return pairs
 
@@ -96,7 +92,7 @@ def test_bad_loss_name_and_missing_model_are_named(tmp_path):
 def test_evaluate_and_enhance_commands(pairs, tmp_path, capsys):
     from PIL import Image
 
-    from flows.cli import main
+    from imagesmith.cli import main
 
     _, history = train_superres(pairs["val"], SuperResConfig(arch="johnson", loss="pixel", pretrained=False),
                                 tmp_path / "run", device="cpu")

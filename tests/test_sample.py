@@ -10,7 +10,8 @@ import pytest
 from PIL import Image
 
 from storage.tiers import Tiers
-from tasks.sample import BAD_INPUT_KINDS, SAMPLE_PHOTOS, build_sample, run_sample, sample_stage
+from prep.sample import BAD_INPUT_KINDS, SAMPLE_PHOTOS, SampleStage, build_sample
+from storage.stage import run_stage
 from tests.conftest import SMALL_SAMPLE
 
 
@@ -83,14 +84,14 @@ def test_sample_stage_killed_mid_build_is_redone_identically(tmp_path):
     """kill -9 while the stage writes images: no manifest; the rerun rebuilds the same bytes."""
     tiers = Tiers(fast=tmp_path / "fast", bulk=tmp_path / "bulk")
     sizes = {"seed": 5, "train_per_class": 30, "val_per_class": 0}
-    stage = sample_stage(tiers, **sizes)
+    stage = SampleStage(**sizes).stage_dir(tiers)
     code = (
         "import sys, pathlib\n"
         "from storage.tiers import Tiers\n"
-        "from tasks.sample import run_sample, sample_stage\n"
+        "from prep.sample import SampleStage\n"
+        "from storage.stage import run_stage\n"
         "t = Tiers(fast=pathlib.Path(sys.argv[1]), bulk=pathlib.Path(sys.argv[2]))\n"
-        "s = dict(seed=5, train_per_class=30, val_per_class=0)\n"
-        "run_sample(sample_stage(t, **s), **s)\n"
+        "run_stage(t, SampleStage(seed=5, train_per_class=30, val_per_class=0))\n"
     )
     proc = subprocess.Popen([sys.executable, "-c", code, str(tiers.fast), str(tiers.bulk)], cwd=os.getcwd())
     deadline = time.monotonic() + 60
@@ -102,7 +103,7 @@ def test_sample_stage_killed_mid_build_is_redone_identically(tmp_path):
     assert 20 <= written < 30 * len(SAMPLE_PHOTOS), "the kill should land mid-build"
     assert not stage.is_complete
 
-    run_sample(stage, **sizes)
+    run_stage(tiers, SampleStage(**sizes))
     assert stage.is_complete
     fresh = tmp_path / "fresh"
     build_sample(fresh, **sizes)

@@ -1,4 +1,5 @@
-"""Training and evaluating super-resolution on aligned (low, high) HDF5 stores.
+"""Stage 5, super-resolution: train a generator on aligned (crappified, original) HDF5 stores,
+progressively resized, evaluate it against bicubic, export it, and enhance any image with it.
 
 Evaluation is what the references never did: PSNR and SSIM against the high-resolution target on
 held-out images, next to bicubic upsampling of the same inputs. A model that does not beat bicubic
@@ -8,29 +9,31 @@ has failed.
 from __future__ import annotations
 
 import logging
+import base64
+import io
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch.nn import functional as F
 
-from models.data import ChunkShuffleStream
+from models.data import ChunkShuffleStream, to_unit
 from models.losses import FeatureLoss, pixel_mse
 from models.metrics import psnr, ssim
 from models.schedule import Phase, PhaseSchedule, one_cycle
 from models.superres import make_generator
-from models.train import MODEL_FILE, TrainConfig, load_export, param_groups, seed_everything, train
+from models.train import MODEL_FILE, TrainConfig, default_device, load_export, param_groups, save_checkpoint, seed_everything, train
+from storage.atomic import atomic_write_bytes, atomic_write_json
+from storage.catalog import crappified_pair, image_stores
 from storage.hdf5 import open_store
+from storage.report import Reporter, epoch_table
+from storage.stage import StageDir, StageSpec, runtime, upstream
 
 log = logging.getLogger(__name__)
 LOSSES = ("feature", "pixel")
-
-
-def to_unit(images: torch.Tensor, device: torch.device | str) -> torch.Tensor:
-    """uint8 (B, H, W, 3) -> float (B, 3, H, W) in [0, 1] on ``device``."""
-    return images.to(device, non_blocking=True).permute(0, 3, 1, 2).float().div_(255)
 
 
 def store_scale(low_store: str | Path, high_store: str | Path) -> int:
@@ -56,7 +59,7 @@ class SuperResConfig:
             raise ValueError(f"unknown loss {self.loss!r}; choose one of {list(LOSSES)}")
 
 
-def build(config: SuperResConfig, scale: int):
+def make_trainer(config: SuperResConfig, scale: int):
     """(model, optimizer with [encoder, rest] groups, loss function)."""
     model = make_generator(config.arch, scale, pretrained=config.pretrained)
     if config.arch == "unet":
@@ -116,8 +119,8 @@ def train_superres(pairs: Pair | Mapping[int, Pair], config: SuperResConfig, che
         raise ValueError(f"every store pair must have the same scale; got {sorted(scales)}")
     scale = scales.pop()
     seed_everything(config.seed)  # the same initial weights every run: a resumed run starts where this one did
-    model, optimizer, loss_fn = build(config, scale)
-    tconfig = TrainConfig(checkpoint_dir=checkpoint_dir, seed=config.seed, **({"device": device} if device else {}))
+    model, optimizer, loss_fn = make_trainer(config, scale)
+    tconfig = TrainConfig(checkpoint_dir=checkpoint_dir, seed=config.seed, device=default_device(device))
     loss_fn = loss_fn.to(tconfig.device) if isinstance(loss_fn, torch.nn.Module) else loss_fn
     history: list[dict[str, Any]] = []
     for i, (size, batch_size, phases) in enumerate(_legs(config.phases)):
@@ -197,8 +200,6 @@ def load_generator(checkpoint: str | Path) -> torch.nn.Module:
 
 def export_generator(model: torch.nn.Module, arch: str, scale: int, out: Path) -> Path:
     """Weights + (arch, scale): enough to rebuild the generators ``make_generator`` makes (default sizes)."""
-    from models.train import save_checkpoint
-
     save_checkpoint(out, model=model.state_dict(), superres={"arch": arch, "scale": scale})
     return out
 
@@ -224,3 +225,116 @@ def enhance(model: torch.nn.Module, image: torch.Tensor, *, tile: int = 256, ove
                 hh, ww = (min(y + step, h) - y) * scale, (min(x + step, w) - x) * scale
                 out[:, y * scale:y * scale + hh, x * scale:x * scale + ww] = pred[:, ty:ty + hh, tx:tx + ww]
     return out
+
+
+# --- the stage ------------------------------------------------------------------------------
+
+SAMPLES_FILE = "samples.png"
+EVALUATION_FILE = "evaluation.json"
+MEANS = ("psnr_model", "psnr_bicubic", "ssim_model", "ssim_bicubic")
+
+
+def superres_plan(*, arch: str = "unet", loss: str = "feature", high_size: int = 128, low_size: int = 32,
+                  progressive_from: int | None = None, epochs: int = 10, lr: float = 1e-3, batch_size: int = 8,
+                  small_batch_size: int | None = None, pretrained: bool = True,
+                  seed: int = 0) -> tuple[list[tuple[int, int]], SuperResConfig]:
+    """(the (high, low) store sizes to crappify, smallest first; the training config) for a run.
+
+    With ``progressive_from`` (e.g. 64 for 128, as lesson 7 does 128 then 256), training goes first
+    on ``progressive_from``-pixel targets (inputs scaled alike, ``small_batch_size``, default 2x
+    ``batch_size``) and then at ``high_size``: at each size a 1cycle of ``epochs`` with the encoder
+    frozen, then one with it unfrozen at discriminative rates. Without it, one 1cycle with the
+    U-Net's encoder at 1/10 of the learning rate.
+    """
+    if progressive_from is not None and not 0 < progressive_from < high_size:
+        raise ValueError(f"progressive_from must be between 0 and high_size {high_size}, got {progressive_from}")
+    if high_size % low_size:
+        raise ValueError(f"high_size {high_size} must be a multiple of low_size {low_size}")
+    sizes = [(high_size, low_size, batch_size)]
+    if progressive_from:
+        sizes.insert(0, (progressive_from, progressive_from * low_size // high_size,
+                         small_batch_size or 2 * batch_size))
+    if progressive_from:
+        phases = progressive_phases([(high, batch) for high, _, batch in sizes], epochs, lr)
+    elif arch == "johnson":
+        phases = tuple(one_cycle(epochs, lr))
+    else:  # the U-Net's [encoder, rest] groups: the pretrained encoder learns at 1/10 of the rate
+        phases = tuple(replace(p, group_scales=(0.1, 1.0)) for p in one_cycle(epochs, lr))
+    config = SuperResConfig(arch=arch, loss=loss, batch_size=batch_size, phases=phases, pretrained=pretrained,
+                            seed=seed)
+    return [(high, low) for high, low, _ in sizes], config
+
+
+def training_pairs(crappify_dirs: Sequence[str | Path]) -> dict[int, Pair]:
+    """{high-res side: (low, high) training stores} of each crappify stage (progressive resizing)."""
+    pairs = {}
+    for d in crappify_dirs:
+        low, high = crappified_pair(d, "train")
+        with open_store(high) as f:
+            pairs[int(f["images"].shape[1])] = (low, high)
+    return pairs
+
+
+def sample_grid_png(model: torch.nn.Module, low_store: Path, high_store: Path, n: int = 4) -> bytes:
+    """Columns crappified (nearest) | bicubic | model | target for the first ``n`` images, as PNG bytes."""
+    from PIL import Image
+
+    with open_store(low_store) as lo, open_store(high_store) as hi:
+        low = to_unit(torch.from_numpy(lo["images"][:n]), "cpu")
+        high = to_unit(torch.from_numpy(hi["images"][:n]), "cpu")
+    size = high.shape[-1]
+    with torch.no_grad():
+        pred = model.cpu().eval()(low).clamp(0, 1)
+    columns = [F.interpolate(low, size=size, mode="nearest"),
+               F.interpolate(low, size=size, mode="bicubic", align_corners=False).clamp(0, 1), pred, high]
+    grid = torch.cat([torch.cat(list(c), dim=1) for c in columns], dim=2)  # (3, n*size, 4*size)
+    buf = io.BytesIO()
+    Image.fromarray((grid.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+@dataclass(frozen=True)
+class SuperResStage(StageSpec):
+    """Train on one crappify stage per image size (smallest first), then evaluate on the largest
+    size's held-out split against bicubic. Resumes inside the leg a crash interrupted."""
+
+    name = "superres"
+    version = 1
+    retries = 1  # a second try resumes from the last checkpoint
+    pairs: tuple[str, ...] = upstream()  # crappify stage directories
+    config: SuperResConfig = SuperResConfig()
+    device: str | None = runtime()
+
+    def build(self, out: Path, report: Reporter) -> dict[str, Any]:
+        config = self.config
+        publish = epoch_table(report, "superres-epochs", f"Loss terms per epoch ({config.arch}, {config.loss} loss)")
+        model, history = train_superres(training_pairs(self.pairs), config, out, device=self.device,
+                                        on_epoch=publish)
+        atomic_write_json(out / "history.json", history)
+        means = None
+        if "val" in image_stores(self.pairs[-1]):
+            low, high = crappified_pair(self.pairs[-1], "val")
+            result = evaluate_superres(model, low, high, device=default_device(self.device))
+            atomic_write_json(out / EVALUATION_FILE, result)
+            atomic_write_bytes(out / SAMPLES_FILE, sample_grid_png(model, low, high))
+            means, images = {k: round(result[k], 4) for k in MEANS}, result["images"]
+        else:
+            images = 0
+            log.warning("superres: %s has no val store: the model is not evaluated", self.pairs[-1])
+        return {"epochs": len(history), "final_loss": history[-1]["loss"], "model": MODEL_FILE, "evaluation": means,
+                "evaluated_images": images}
+
+    def summarize(self, stage: StageDir, report: Reporter) -> None:
+        m = stage.manifest()
+        means = m["evaluation"]
+        if means is None:
+            return
+        report.table("superres-evaluation", [{"images": m["evaluated_images"], **means}],
+                     "Held-out photos: the model against bicubic upsampling of the same input")
+        png = base64.b64encode((stage.path / SAMPLES_FILE).read_bytes()).decode()
+        verdict = "beats" if means["psnr_model"] > means["psnr_bicubic"] else "does NOT beat"
+        report.markdown(
+            "superres-samples",
+            f"## Super-resolution samples\n\nColumns: crappified input | bicubic | model | target. "
+            f"The model {verdict} bicubic: PSNR {means['psnr_model']} vs {means['psnr_bicubic']} dB.\n\n"
+            f"![samples](data:image/png;base64,{png})\n")

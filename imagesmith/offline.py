@@ -12,7 +12,7 @@ OFFLINE_ENV = {
     "DO_NOT_TRACK": "1",  # not a Prefect setting: environment only
     "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
     "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "90",
-    "PREFECT_LOGGING_EXTRA_LOGGERS": "flows,tasks,models,storage",
+    "PREFECT_LOGGING_EXTRA_LOGGERS": "flows,tasks,models,storage,prep,training,imagesmith",
     # our plain functions also run outside flows (CLI, tests): no warning when there is no run to log to
     "PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW": "ignore",
 }

@@ -19,33 +19,18 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
-from storage.atomic import atomic_write_text
-from storage.stage import StageDir, stage_dir
-from storage.tiers import Tiers
+from storage.listing import Listing, SplitListing, write_listing
+from storage.report import Reporter
+from storage.stage import StageDir, StageSpec
 
 log = logging.getLogger(__name__)
 
-LISTING_VERSION = 1  # bump when the listing's content or format changes
 SPLITS = ("train", "val")
 IMAGE_SUFFIXES = frozenset({".jpeg", ".jpg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp"})
-TSV_HEADER = "path\twnid\tlabel"
-
-
-@dataclass(frozen=True)
-class SplitListing:
-    paths: list[str]  # relative to the dataset root: "<split>/<wnid>/<file>"
-    labels: np.ndarray  # (N,) int16, index into Listing.classes
-
-
-@dataclass(frozen=True)
-class Listing:
-    root: Path
-    classes: list[str]  # sorted wnids
-    splits: dict[str, SplitListing]
-    skipped: int  # entries that are not image files (other suffixes, stray files, links to dirs)
 
 
 def _check_root(root: Path, splits: Sequence[str]) -> list[str]:
@@ -139,91 +124,42 @@ def shuffle_listing(listing: Listing, seed: int) -> Listing:
     return Listing(root=listing.root, classes=listing.classes, splits=shuffled, skipped=listing.skipped)
 
 
-def write_listing(listing: Listing, out_dir: Path) -> None:
-    """``classes.txt`` (one wnid a line, line number = label) and ``<split>.tsv`` (path, wnid, label)."""
-    atomic_write_text(out_dir / "classes.txt", "".join(f"{c}\n" for c in listing.classes))
-    for split, s in listing.splits.items():
-        rows = (f"{p}\t{listing.classes[label]}\t{label}" for p, label in zip(s.paths, s.labels.tolist()))
-        atomic_write_text(out_dir / f"{split}.tsv", TSV_HEADER + "\n" + "".join(f"{r}\n" for r in rows))
+@dataclass(frozen=True)
+class ListingStage(StageSpec):
+    """Stage 1: the dataset at ``root`` (in the state ``fingerprint`` names), listed and shuffled with ``seed``."""
 
+    name = "listing"
+    version = 1  # bump when the listing's content or format changes
+    root: str
+    fingerprint: str
+    seed: int = 0
+    retries = 1  # a listing of a network or USB disk can fail once and work again
 
-def read_split(listing_dir: Path | str, split: str) -> SplitListing:
-    """Read back one split of a written listing, in its shuffled order."""
-    path = Path(listing_dir) / f"{split}.tsv"
-    if not path.is_file():
-        raise FileNotFoundError(f"listing has no split {split!r}: {path} is missing")
-    lines = path.read_text().splitlines()
-    if not lines or lines[0] != TSV_HEADER:
-        raise ValueError(f"{path} does not start with the header {TSV_HEADER!r}")
-    paths, labels = [], []
-    for line in lines[1:]:
-        p, _, label = line.split("\t")
-        paths.append(p)
-        labels.append(int(label))
-    return SplitListing(paths=paths, labels=np.asarray(labels, dtype=np.int16))
+    def key_params(self) -> dict[str, Any]:
+        return {**super().key_params(), "root": str(Path(self.root).resolve())}
 
+    def build(self, out: Path, report: Reporter) -> dict[str, Any]:
+        start = time.perf_counter()
+        listing = list_dataset(self.root)
+        list_s = time.perf_counter() - start
+        listing = shuffle_listing(listing, self.seed)
+        write_listing(listing, out)
+        elapsed = time.perf_counter() - start
+        counts = {split: len(s.paths) for split, s in listing.splits.items()}
+        per_class = {
+            split: np.bincount(s.labels, minlength=len(listing.classes)).tolist() for split, s in listing.splits.items()
+        }
+        log.info("listing: %s files in %d classes, skipped %d non-image entries; %.2f s (listing %.2f s)",
+                 counts, len(listing.classes), listing.skipped, elapsed, list_s)
+        return {"root": str(listing.root), "seed": self.seed, "counts": counts, "classes": len(listing.classes),
+                "per_class": per_class, "skipped_non_image": listing.skipped, "list_s": round(list_s, 3),
+                "elapsed_s": round(elapsed, 3)}
 
-def read_classes(listing_dir: Path | str) -> list[str]:
-    return (Path(listing_dir) / "classes.txt").read_text().split()
-
-
-def listing_stage(tiers: Tiers, *, root: Path | str, fingerprint: str, seed: int) -> StageDir:
-    """The fast-tier stage directory for this dataset state and seed."""
-    params = {"version": LISTING_VERSION, "root": str(Path(root).resolve()), "fingerprint": fingerprint, "seed": seed}
-    return stage_dir(tiers, "fast", "listing", params)
-
-
-def run_listing(stage: StageDir, *, root: Path | str, seed: int) -> StageDir:
-    """List, shuffle and write into ``stage`` unless its manifest says it is done."""
-    if stage.is_complete:
-        log.info("listing: %s is complete; nothing to do", stage.path)
-        return stage
-    stage.prepare()
-    start = time.perf_counter()
-    listing = list_dataset(root)
-    list_s = time.perf_counter() - start
-    listing = shuffle_listing(listing, seed)
-    write_listing(listing, stage.path)
-    elapsed = time.perf_counter() - start
-    counts = {split: len(s.paths) for split, s in listing.splits.items()}
-    per_class = {
-        split: np.bincount(s.labels, minlength=len(listing.classes)).tolist() for split, s in listing.splits.items()
-    }
-    stage.complete(
-        root=str(listing.root),
-        seed=seed,
-        counts=counts,
-        classes=len(listing.classes),
-        per_class=per_class,
-        skipped_non_image=listing.skipped,
-        list_s=round(list_s, 3),
-        elapsed_s=round(elapsed, 3),
-    )
-    log.info("listing: %s files in %d classes, skipped %d non-image entries; %.2f s (listing %.2f s)",
-             counts, len(listing.classes), listing.skipped, elapsed, list_s)
-    return stage
-
-
-# --- Prefect layer --------------------------------------------------------------------------
-from prefect import task  # noqa: E402  (the plain functions above do not need Prefect)
-from prefect.artifacts import create_table_artifact  # noqa: E402
-
-
-@task(name="fingerprint-dataset")
-def fingerprint_dataset_task(root: str) -> str:
-    """Uncached on purpose: it is what tells a changed folder from an unchanged one."""
-    return fingerprint_dataset(root)
-
-
-@task(name="list-and-shuffle", retries=1, retry_delay_seconds=5)
-def list_and_shuffle(root: str, fingerprint: str, seed: int, tiers: Tiers) -> str:
-    """Stage 1; returns the listing directory (``classes.txt``, ``train.tsv``, ``val.tsv``)."""
-    stage = run_listing(listing_stage(tiers, root=root, fingerprint=fingerprint, seed=seed), root=root, seed=seed)
-    m = stage.manifest()
-    create_table_artifact(
-        key="listing",
-        table=[{"split": split, "images": n, "classes": m["classes"]} for split, n in m["counts"].items()]
-        + [{"split": "(skipped non-image entries)", "images": m["skipped_non_image"], "classes": ""}],
-        description=f"Listing of `{m['root']}` shuffled with seed {m['seed']} in {m['elapsed_s']} s: `{stage.path}`",
-    )
-    return str(stage.path)
+    def summarize(self, stage: StageDir, report: Reporter) -> None:
+        m = stage.manifest()
+        report.table(
+            "listing",
+            [{"split": split, "images": n, "classes": m["classes"]} for split, n in m["counts"].items()]
+            + [{"split": "(skipped non-image entries)", "images": m["skipped_non_image"], "classes": ""}],
+            f"Listing of `{m['root']}` shuffled with seed {m['seed']} in {m['elapsed_s']} s: `{stage.path}`",
+        )

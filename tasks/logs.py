@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 
-STAGE_LOGGERS = ("flows", "tasks", "models", "storage")
+STAGE_LOGGERS = ("flows", "tasks", "models", "storage", "prep", "training", "imagesmith")
 
 
 def route_stage_logs(level: int = logging.INFO) -> None:

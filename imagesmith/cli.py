@@ -9,7 +9,8 @@ import shutil
 import sys
 from pathlib import Path
 
-from flows.offline import apply_offline_defaults
+from imagesmith.offline import apply_offline_defaults
+
 
 def _cmd_doctor(args: argparse.Namespace) -> int:
     import h5py
@@ -17,7 +18,7 @@ def _cmd_doctor(args: argparse.Namespace) -> int:
     import torch
 
     from storage.tiers import Tiers
-    from tasks.imaging import imaging_backend
+    from prep.imaging import imaging_backend
 
     info = imaging_backend()
     tiers = Tiers.from_env()
@@ -41,8 +42,9 @@ def _cmd_doctor(args: argparse.Namespace) -> int:
 
 
 def _cmd_sample(args: argparse.Namespace) -> int:
+    from prep.sample import SampleStage, build_sample
+    from storage.stage import run_stage
     from storage.tiers import Tiers
-    from tasks.sample import build_sample, run_sample, sample_stage
 
     sizes = {"seed": args.seed, "train_per_class": args.train_per_class, "val_per_class": args.val_per_class}
     if args.out:
@@ -53,7 +55,7 @@ def _cmd_sample(args: argparse.Namespace) -> int:
         summary = build_sample(out, **sizes)
         print(f"sample dataset: {out.resolve()} ({summary['counts']})")
     else:
-        stage = run_sample(sample_stage(Tiers.from_env(), **sizes), **sizes)
+        stage = run_stage(Tiers.from_env(), SampleStage(**sizes))
         print(f"sample dataset: {stage.path} ({stage.manifest()['counts']})")
     return 0
 
@@ -93,7 +95,7 @@ def _latest_stage(stage: str, tier: str = "fast") -> Path:
 
 
 def _cmd_words(args: argparse.Namespace) -> int:
-    from tasks.embeddings import WordTable
+    from storage.words import WordTable
 
     table = WordTable(args.table or _latest_stage("embeddings"))
     try:
@@ -108,15 +110,13 @@ def _cmd_words(args: argparse.Namespace) -> int:
 
 
 def _cmd_evaluate_superres(args: argparse.Namespace) -> int:
-    import h5py
+    from storage.catalog import source_store
+    from training.superres import evaluate_superres, load_generator
 
-    from models.restore import evaluate_superres, load_generator
-
-    with h5py.File(args.store, "r") as f:
-        source = f.attrs.get("source_store")
-    if source is None:
-        print(f"error: {args.store} is not a crappified store (no source_store attribute); pass "
-              "fast/crappify/<key>/<split>.h5", file=sys.stderr)
+    try:
+        source = source_store(args.store)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
         return 2
     result = evaluate_superres(load_generator(args.model), args.store, source, limit=args.limit)
     print(f"{result['images']} images of {args.store} against {source}")
@@ -133,7 +133,7 @@ def _cmd_enhance(args: argparse.Namespace) -> int:
     import torch
     from PIL import Image
 
-    from models.restore import enhance, load_generator
+    from training.superres import enhance, load_generator
 
     model = load_generator(args.model)
     with Image.open(args.input) as im:
@@ -147,7 +147,7 @@ def _cmd_enhance(args: argparse.Namespace) -> int:
 def _cmd_devise(args: argparse.Namespace) -> int:
     from flows.devise import devise
     from storage.stage import open_stage
-    from tasks.devise import format_hits
+    from training.devise.evaluate import format_hits
 
     outputs = devise(source=args.source, size=args.size, backbone=args.backbone, pretrained=not args.no_pretrained,
                      epochs=args.epochs, batch_size=args.batch_size, finetune_epochs=args.finetune_epochs,
@@ -160,7 +160,7 @@ def _cmd_devise(args: argparse.Namespace) -> int:
 
 
 def _cmd_search(args: argparse.Namespace) -> int:
-    from tasks.devise import DeviseSearch
+    from training.devise.search import DeviseSearch
 
     search = DeviseSearch(args.index or _latest_stage("devise-index"))
     try:
@@ -184,7 +184,7 @@ def _cmd_search(args: argparse.Namespace) -> int:
 
 
 def _cmd_server(args: argparse.Namespace) -> int:
-    from flows.server import api_url, is_healthy, start_server, stop_server
+    from imagesmith.server import api_url, is_healthy, start_server, stop_server
 
     if args.action == "start":
         url, started = start_server(port=args.port)
@@ -198,7 +198,7 @@ def _cmd_server(args: argparse.Namespace) -> int:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    from flows.server import start_server
+    from imagesmith.server import start_server
 
     url, started = start_server(port=args.port)
     print(f"prefect server {'started' if started else 'already running'} at {url}")

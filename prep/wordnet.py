@@ -4,7 +4,7 @@ WordNet comes from Debian's ``wordnet-base`` (+ ``wordnet-sense-index``), instal
 ``make setup`` in /usr/share/wordnet. NLTK cannot read that folder as installed: it lacks the
 ``lexnames`` table and NLTK only reads corpora under ``nltk.data.path``. So the stage copies the
 files once into ``<bulk>/wordnet/<key>/corpora/wordnet/`` with the fixed 45-line ``lexnames``
-table kept in this repository (tasks/data/wordnet-lexnames.tsv).
+table kept in this repository (prep/data/wordnet-lexnames.tsv).
 
 The ImageNet wnid lists (1k and 21k) and their lemmas ship in ``timm`` (data/_info/), read by path.
 """
@@ -16,14 +16,15 @@ import importlib.util
 import logging
 import os
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-from storage.stage import StageDir, stage_dir
-from storage.tiers import Tiers
+from storage.report import Reporter
+from storage.stage import StageSpec
 
 log = logging.getLogger(__name__)
 
-WORDNET_VERSION = 1
 WORDNET_ENV = "IMAGESMITH_WORDNET_DIR"
 DEFAULT_WORDNET_DIR = "/usr/share/wordnet"
 LEXNAMES = Path(__file__).parent / "data" / "wordnet-lexnames.tsv"
@@ -44,28 +45,36 @@ def wordnet_source() -> Path:
     return source
 
 
-def wordnet_stage(tiers: Tiers, source: Path) -> StageDir:
-    files = {p.name: [p.stat().st_size, p.stat().st_mtime_ns] for p in sorted(source.iterdir()) if p.is_file()}
-    return stage_dir(tiers, "bulk", "wordnet", {"version": WORDNET_VERSION, "source": str(source), "files": files})
+@dataclass(frozen=True)
+class WordnetStage(StageSpec):
+    """WordNet 3.0 from ``source`` (the installed database folder) in NLTK's layout, on the bulk tier."""
 
+    name = "wordnet"
+    tier = "bulk"
+    version = 1
+    clean = True
+    source: str
 
-def run_wordnet(stage: StageDir, source: Path) -> StageDir:
-    """Copy the database and the lexnames table into the NLTK layout, check it reads, finish."""
-    if stage.is_complete:
-        return stage
-    target = stage.prepare(clean=True) / "corpora" / "wordnet"
-    target.mkdir(parents=True)
-    for f in sorted(source.iterdir()):
-        if f.is_file():
-            shutil.copyfile(f, target / f.name)
-    shutil.copyfile(LEXNAMES, target / "lexnames")
-    wn = open_wordnet(stage.path)
-    nouns = sum(1 for _ in wn.all_synsets("n"))
-    if nouns != WORDNET_NOUNS:
-        raise ValueError(f"{source} holds {nouns} noun synsets; WordNet 3.0 has {WORDNET_NOUNS}")
-    stage.complete(version=wn.get_version(), nouns=nouns, source=str(source))
-    log.info("wordnet: %d noun synsets copied to %s", nouns, stage.path)
-    return stage
+    def key_params(self) -> dict[str, Any]:
+        source = Path(self.source)
+        files = {p.name: [p.stat().st_size, p.stat().st_mtime_ns] for p in sorted(source.iterdir()) if p.is_file()}
+        return {**super().key_params(), "files": files}
+
+    def build(self, out: Path, report: Reporter) -> dict[str, Any]:
+        """Copy the database and the lexnames table into the NLTK layout, check it reads."""
+        source = Path(self.source)
+        target = out / "corpora" / "wordnet"
+        target.mkdir(parents=True)
+        for f in sorted(source.iterdir()):
+            if f.is_file():
+                shutil.copyfile(f, target / f.name)
+        shutil.copyfile(LEXNAMES, target / "lexnames")
+        wn = open_wordnet(out)
+        nouns = sum(1 for _ in wn.all_synsets("n"))
+        if nouns != WORDNET_NOUNS:
+            raise ValueError(f"{source} holds {nouns} noun synsets; WordNet 3.0 has {WORDNET_NOUNS}")
+        log.info("wordnet: %d noun synsets copied to %s", nouns, out)
+        return {"version": wn.get_version(), "nouns": nouns, "source": str(source)}
 
 
 @functools.lru_cache(maxsize=2)

@@ -1,0 +1,59 @@
+"""A sharded stage as Prefect runs it: plan, the shard tasks in a subflow on the right task
+runner (a process per shard, or a Dask cluster), join."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from prefect import flow, unmapped
+from prefect.task_runners import ProcessPoolTaskRunner, TaskRunner, ThreadPoolTaskRunner
+
+from prep.shards import Shard, ShardedStage, local_parallelism
+from storage.tiers import Tiers
+from tasks.logs import route_stage_logs
+from tasks.stages import join_task, plan_task, shard_task
+
+DASK_ENV = "IMAGESMITH_DASK_ADDRESS"
+
+
+def shard_runner(n_shards: int, dask_address: str | None = None) -> tuple[TaskRunner, int | None]:
+    """(task runner, decode threads per shard task) for ``n_shards`` shard tasks.
+
+    With a Dask scheduler address (argument or ``IMAGESMITH_DASK_ADDRESS``, e.g.
+    ``tcp://10.0.0.5:8786``) each shard runs on a cluster worker with that worker's cores; the
+    workers must see the same dataset and tier paths (a shared filesystem). Locally, a process per
+    shard (see prep/shards.py for the measurement), or one shard at a time with threads.
+    """
+    address = dask_address or os.environ.get(DASK_ENV)
+    if address:
+        from prefect_dask import DaskTaskRunner
+
+        return DaskTaskRunner(address=address), None
+    processes, threads = local_parallelism(n_shards)
+    if processes > 1:
+        return ProcessPoolTaskRunner(max_workers=processes), threads
+    return ThreadPoolTaskRunner(max_workers=1), threads
+
+
+def run_shards(spec: ShardedStage, tiers: Tiers, shards: list[Shard], *, dask_address: str | None = None,
+               refresh: bool = False) -> list[dict[str, Any]]:
+    """Every shard task of a stage, in the subflow ``<stage>-shards`` on the right runner."""
+    runner, workers = shard_runner(len(shards), dask_address)
+
+    @flow(name=f"{spec.name}-shards", task_runner=runner, validate_parameters=False)
+    def shards_flow(spec: Any, tiers: Any, shards: list, workers: int | None) -> list[dict[str, Any]]:
+        route_stage_logs()
+        return shard_task(spec, tiers, refresh=refresh).map(
+            unmapped(spec), unmapped(tiers), shards, unmapped(workers)).result()
+
+    return shards_flow(spec, tiers, shards, workers)
+
+
+def run_sharded(spec: ShardedStage, tiers: Tiers, *, dask_address: str | None = None,
+                refresh: bool = False) -> str:
+    """plan -> every shard -> join; returns the stage directory. A finished stage plans no shard."""
+    shards = plan_task(spec)(spec, tiers)
+    if shards:
+        run_shards(spec, tiers, shards, dask_address=dask_address, refresh=refresh)
+    return join_task(spec, tiers, refresh=refresh)(spec, tiers, shards)

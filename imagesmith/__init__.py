@@ -1,0 +1,1 @@
+"""The ``imagesmith`` command: the CLI, the local Prefect server it starts, and the offline defaults."""

@@ -1,0 +1,5 @@
+import sys
+
+from imagesmith.cli import main
+
+sys.exit(main())

@@ -1,0 +1,114 @@
+"""Every stage as a Prefect task, made by one factory: the same cache policy, result storage,
+retries and run names for all of them. The work is the stage spec's (storage/stage.py); these
+wrappers add only what the orchestrator gives: caching, retries, logs and artifacts.
+
+Cache key = the stage directory (tier, stage name, key of the parameters and upstream stages),
+plus the shard for shard tasks. So Prefect answers "Cached" exactly when the directory it would
+write is the one a finished run wrote; the manifest stays the ground truth (a cached path whose
+directory was deleted by hand fails downstream with a message that says to --refresh).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from prefect import Task, task
+from prefect.cache_policies import CacheKeyFnPolicy
+from prefect.utilities.hashing import hash_objects
+
+from prep.listing import fingerprint_dataset
+from prep.shards import Shard, ShardedStage
+from storage.stage import StageSpec, run_stage
+from storage.tiers import Tiers
+from tasks.artifacts import ArtifactReporter
+from tasks.logs import route_stage_logs
+
+SHARD_RETRIES = 2  # a shard is redone from scratch (its file appears only when whole): always safe
+
+
+def _cache_key(_context: Any, inputs: dict[str, Any]) -> str | None:
+    spec, tiers, shard = inputs["spec"], inputs["tiers"], inputs.get("shard")
+    return hash_objects("imagesmith-stage", str(spec.stage_dir(tiers).path), shard.label if shard else "whole")
+
+
+def cache_options(tiers: Tiers, refresh: bool = False) -> dict[str, Any]:
+    """``Task.with_options`` arguments that cache a stage task on its stage directory.
+
+    Results (small: paths) persist under the fast tier; the cache-key records live in a sibling
+    folder, never inside the results folder.
+    """
+    return {
+        "cache_policy": CacheKeyFnPolicy(cache_key_fn=_cache_key).configure(key_storage=tiers.prefect_cache_keys),
+        "result_storage": tiers.prefect_results,  # a pathlib.Path: Prefect stores results as local files
+        "persist_result": True,
+        "refresh_cache": refresh,
+    }
+
+
+def _run_name(task_name: str):
+    """Task run names ``<task>/<stage key>`` (or ``/<shard>``): the run in the UI names its directory on disk."""
+
+    def name(parameters: dict[str, Any]) -> str:
+        spec, tiers, shard = parameters["spec"], parameters["tiers"], parameters.get("shard")
+        which = shard.label if shard else spec.stage_dir(tiers).key[:8]
+        return f"{task_name.format(stage=spec.name)}/{which}"
+
+    return name
+
+
+@task(task_run_name=_run_name("{stage}"))
+def _stage(spec: StageSpec, tiers: Tiers) -> str:
+    route_stage_logs()
+    return str(run_stage(tiers, spec, ArtifactReporter()).path)
+
+
+@task(task_run_name=_run_name("plan-{stage}"))
+def _plan(spec: ShardedStage, tiers: Tiers) -> list[Shard]:
+    """The shards still to write (none when the stage is complete); creates the stage directory."""
+    stage = spec.stage_dir(tiers)
+    if stage.is_complete:
+        return []
+    return spec.plan(stage.prepare())
+
+
+@task(task_run_name=_run_name("{stage}-shard"))
+def _shard(spec: ShardedStage, tiers: Tiers, shard: Shard, workers: int | None = None) -> dict[str, Any]:
+    route_stage_logs()
+    return spec.build_shard(shard, workers=workers)
+
+
+@task(task_run_name=_run_name("join-{stage}"))
+def _join(spec: ShardedStage, tiers: Tiers, shards: list[Shard]) -> str:
+    route_stage_logs()
+    return str(run_stage(tiers, spec, ArtifactReporter(), build=lambda out, report: spec.join(out, shards)).path)
+
+
+def stage_task(spec: StageSpec, tiers: Tiers, *, refresh: bool = False) -> Task:
+    """The task that runs ``spec`` whole (call it with ``(spec, tiers)``); returns the stage directory."""
+    return _stage.with_options(name=spec.name, retries=spec.retries, retry_delay_seconds=5,
+                               **cache_options(tiers, refresh))
+
+
+def plan_task(spec: ShardedStage) -> Task:
+    """Not cached: it is what prepares the directory the shards write into."""
+    return _plan.with_options(name=f"plan-{spec.name}")
+
+
+def shard_task(spec: ShardedStage, tiers: Tiers, *, refresh: bool = False) -> Task:
+    """Call (or map) with ``(spec, tiers, shard, workers)``."""
+    return _shard.with_options(name=f"{spec.name}-shard", retries=SHARD_RETRIES, retry_delay_seconds=5,
+                               **cache_options(tiers, refresh))
+
+
+def join_task(spec: ShardedStage, tiers: Tiers, *, refresh: bool = False) -> Task:
+    """Joins the shards (all written: it runs after the shard tasks) and completes the stage.
+    Its cache key is the stage directory's: the shards' results (timings, workers) are not inputs."""
+    return _join.with_options(name=f"join-{spec.name}", **cache_options(tiers, refresh))
+
+
+fingerprint_task = task(name="fingerprint-dataset")(fingerprint_dataset)  # uncached: it tells a changed folder
+
+
+def stage(spec: StageSpec, tiers: Tiers, *, refresh: bool = False) -> str:
+    """Run ``spec`` as its Prefect task (inside a flow); returns the stage directory."""
+    return stage_task(spec, tiers, refresh=refresh)(spec, tiers)
