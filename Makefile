@@ -15,7 +15,7 @@ export IMAGESMITH_BULK_DIR ?= $(CURDIR)/data/bulk
 
 PYTEST_ARGS ?=
 
-.PHONY: setup demo test server stop-server doctor clean
+.PHONY: setup demo test test-fast server stop-server doctor clean
 
 setup: $(STAMP)
 
@@ -27,9 +27,13 @@ $(STAMP): pyproject.toml scripts/bootstrap.sh scripts/make_pillow_shim.py
 demo: $(STAMP)
 	$(VENV)/bin/imagesmith demo
 
-## make test: set up, then run the test suite
+## make test: set up, then run the whole test suite (what CI runs)
 test: $(STAMP)
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+## make test-fast: the tests not marked slow (no Prefect server, no subprocess kills): under 2 minutes
+test-fast: $(STAMP)
+	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
 
 server: $(STAMP)
 	$(VENV)/bin/imagesmith server start

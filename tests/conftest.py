@@ -13,6 +13,13 @@ from tests.helpers import run_listing, run_resize  # noqa: E402
 SMALL_SAMPLE = {"seed": 0, "train_per_class": 4, "val_per_class": 2}
 
 
+def pytest_collection_modifyitems(items):
+    """Every test that needs the real Prefect server is slow (the server alone takes ~10 s to start)."""
+    for item in items:
+        if "prefect_server" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.slow)
+
+
 @pytest.fixture
 def tiers(tmp_path):
     return Tiers(fast=tmp_path / "fast", bulk=tmp_path / "bulk")

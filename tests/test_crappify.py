@@ -1,3 +1,5 @@
+from pathlib import Path
+
 import h5py
 import numpy as np
 import pytest
@@ -84,3 +86,35 @@ def test_interrupted_crappify_redoes_only_missing_shards_identically(resized, ti
     assert {p: (stage.path / "shards" / p).stat().st_mtime_ns for p in kept} == kept
     for s in ("train", "val"):
         np.testing.assert_array_equal(h5py.File(stage.path / f"{s}.h5")["images"][()], reference[s])
+
+
+def test_a_shard_uses_the_worker_threads_it_is_given_and_writes_the_same_bytes(resized, tiers, monkeypatch):
+    import threading
+    import time
+
+    import prep.crappify
+
+    threads = set()
+    make = prep.crappify.make_crappifier
+
+    def recording(name, size):
+        crap = make(name, size)
+
+        def run(image, rng):
+            threads.add(threading.get_ident())
+            time.sleep(0.002)  # long enough that both threads pick up work
+            return crap(image, rng)
+
+        return run
+
+    monkeypatch.setattr(prep.crappify, "make_crappifier", recording)
+    spec = CrappifyStage(source=str(resized(64, shard_images=10).path), config=CrappifyConfig(size=16))
+    (shard,) = [s for s in spec.plan(spec.stage_dir(tiers).prepare()) if s.split == "val"]
+    spec.build_shard(shard, workers=1)
+    one = h5py.File(shard.path)["images"][()]
+    assert len(threads) == 1
+    Path(shard.path).unlink()
+    threads.clear()
+    spec.build_shard(shard, workers=2)
+    assert len(threads) == 2 and threading.get_ident() not in threads
+    np.testing.assert_array_equal(h5py.File(shard.path)["images"][()], one)

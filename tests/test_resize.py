@@ -225,3 +225,30 @@ def test_a_damaged_shard_is_found_and_rewritten_on_resume(sample_listing, tiers,
     with h5py.File(flipped) as f, h5py.File(shards[2]) as g:
         assert f["images"].shape[0] == 10 and g.attrs["images_crc32"] > 0
     assert "is damaged" in caplog.text
+
+
+def test_a_failing_shard_shuts_its_thread_pool_down_and_leaves_no_file(sample_listing, tiers, monkeypatch):
+    import threading
+
+    import prep.resize
+
+    calls = {"n": 0}
+    load = prep.resize._load_or_reason
+
+    def failing(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 5:
+            raise MemoryError("simulated failure mid-shard")
+        return load(*args, **kwargs)
+
+    def pool_threads():
+        return {t for t in threading.enumerate() if t.name.startswith("ThreadPoolExecutor")}
+
+    monkeypatch.setattr(prep.resize, "_load_or_reason", failing)
+    spec = ResizeStage(listing=str(sample_listing.path), config=ResizeConfig(size=16))
+    shard = spec.plan(spec.stage_dir(tiers).prepare())[0]
+    before = pool_threads()
+    with pytest.raises(MemoryError, match="simulated failure"):
+        spec.build_shard(shard, workers=2)
+    assert pool_threads() <= before  # no worker thread of the failed shard is left running
+    assert not Path(shard.path).exists() and not list(Path(shard.path).parent.glob(".tmp-*"))

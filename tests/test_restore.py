@@ -64,6 +64,7 @@ def test_johnson_trains_resumes_exports_and_evaluates_against_bicubic(pairs, tmp
     assert 5 < result["psnr_model"] < 60 and 0 < result["ssim_model"] <= 1
 
 
+@pytest.mark.slow
 def test_unet_with_feature_loss_runs_one_epoch_and_logs_every_term(pairs, tmp_path):
     config = SuperResConfig(arch="unet", loss="feature", batch_size=8, pretrained=False)
     _, history = train_superres(pairs["val"], config, tmp_path, device="cpu")
@@ -106,6 +107,7 @@ def test_evaluate_and_enhance_commands(pairs, tmp_path, capsys):
         assert im.size == (120, 80)
 
 
+@pytest.mark.slow
 def test_progressive_resizing_trains_small_then_large_and_resumes_across_sizes(pairs, tmp_path):
     phases = progressive_phases([(32, 8), (64, 8)], epochs=2, lr=1e-3)
     assert [(p.image_size, p.group_scales) for p in phases] == [

@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from models.schedule import Phase, PhaseSchedule, anneal, one_cycle, sgdr
-from models.train import CHECKPOINT, TrainConfig, load_checkpoint, param_groups, train
+from models.train import CHECKPOINT, TrainConfig, default_device, load_checkpoint, param_groups, train
 
 SPE = 5  # steps per epoch
 
@@ -137,6 +137,7 @@ def test_a_phase_with_group_scale_zero_freezes_that_group(tmp_path):
     assert not torch.equal(model2.body[0].weight, body_before[0]) and not torch.equal(model2.head.weight, head_w)
 
 
+@pytest.mark.slow
 def test_tensorboard_gets_step_and_epoch_scalars_and_a_resume_does_not_duplicate_them(tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -172,3 +173,28 @@ def test_tensorboard_gets_step_and_epoch_scalars_and_a_resume_does_not_duplicate
     assert sorted(steps) == list(range(1, 2 * SPE + 1))  # each step exactly once
     assert [e.step for e in events.Scalars("epoch/loss")] == [0, 1]
     assert {"train/lr", "epoch/loss"} <= set(events.Tags()["scalars"])
+
+
+def test_a_term_on_some_steps_only_is_averaged_over_its_own_samples(tmp_path):
+    """A GAN logs generator and critic terms on alternate steps: each term's epoch mean counts only
+    the samples it was computed on."""
+    calls = {"n": 0}
+
+    def alternating(out, y):
+        calls["n"] += 1
+        terms = {"loss": nn.functional.cross_entropy(out, y)}
+        if calls["n"] % 2:
+            terms["aux"] = torch.full((), 2.0)
+        return terms
+
+    _, _, history = _run(tmp_path, alternating)
+    assert [h["aux"] for h in history] == pytest.approx([2.0] * 3)  # not 2.0 x (steps with aux / all steps)
+
+
+def test_the_default_device_is_decided_when_training_starts_not_at_import(tmp_path, monkeypatch):
+    config = TrainConfig(checkpoint_dir=tmp_path)
+    assert config.device is None and config.progress is None
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert default_device(config.device) == "cuda"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert default_device(config.device) == "cpu" and default_device("cuda:1") == "cuda:1"
