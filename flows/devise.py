@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
-from prefect import flow
+from typing import Annotated
 
-from flows.pipeline import pipeline
+from prefect import flow
+from pydantic import Field
+
+from flows.pipeline import ImageSide, Seed, pipeline
 from storage.tiers import Tiers
 from storage.vector_index import DEFAULT_ANN_ABOVE
 from tasks.logs import route_stage_logs
@@ -18,23 +21,24 @@ from training.devise.search import IndexStage
 @flow(name="imagesmith-devise")
 def devise(
     source: str | None = None,
-    size: int = 224,
+    size: ImageSide = 224,
     backbone: str = "resnet50",
     pretrained: bool = True,
     flips: bool = True,
-    epochs: int = 10,
-    lr: float = 1e-2,
-    batch_size: int = 256,
-    hidden: int = 1024,
-    dropout: float = 0.5,
+    epochs: Annotated[int, Field(ge=2)] = 10,
+    lr: Annotated[float, Field(gt=0)] = 1e-2,
+    batch_size: Annotated[int, Field(ge=2)] = 256,
+    hidden: Annotated[int, Field(ge=1)] = 1024,
+    dropout: Annotated[float, Field(ge=0, lt=1)] = 0.5,
     zero_shot: list[str] | None = None,
-    finetune_epochs: int = 0,
-    finetune_lr: float = 1e-4,
-    finetune_batch_size: int = 64,
+    finetune_epochs: Annotated[int, Field(ge=0)] = 0,
+    finetune_lr: Annotated[float, Field(gt=0)] = 1e-4,
+    finetune_batch_size: Annotated[int, Field(ge=2)] = 64,
     word_vectors: str | None = None,
-    ann_above: int = DEFAULT_ANN_ABOVE,
-    seed: int = 0,
+    ann_above: Annotated[int, Field(ge=0)] = DEFAULT_ANN_ABOVE,
+    seed: Seed = 0,
     refresh: bool = False,
+    wait: bool = True,
 ) -> dict[str, object]:
     """Train DeViSE on ``source`` (default: the bundled sample) and index every image for search.
 
@@ -45,17 +49,18 @@ def devise(
     """
     route_stage_logs()
     tiers = Tiers.from_env()
+    run = {"refresh": refresh, "wait": wait}
+    # every parameter is checked before any work
     head = HeadConfig(epochs=epochs, lr=lr, batch_size=batch_size, hidden=hidden, dropout=dropout,
-                      zero_shot=tuple(zero_shot) if zero_shot is not None else None, seed=seed)  # validates first
-    stages = pipeline(source=source, seed=seed, size=size, words=True, word_vectors=word_vectors, refresh=refresh)
-    features = stage(FeaturesStage(resize=stages["resize"], config=FeaturesConfig(
-        backbone=backbone, pretrained=pretrained, flips=flips, seed=seed)), tiers, refresh=refresh)
-    model_dir = stage(DeviseStage(features=features, words=stages["words"], config=head), tiers, refresh=refresh)
+                      zero_shot=tuple(zero_shot) if zero_shot is not None else None, seed=seed)
+    features_config = FeaturesConfig(backbone=backbone, pretrained=pretrained, flips=flips, seed=seed)
+    finetune = FinetuneConfig(epochs=finetune_epochs, lr=finetune_lr, batch_size=finetune_batch_size,
+                              seed=seed) if finetune_epochs else None
+    stages = pipeline(source=source, seed=seed, size=size, words=True, word_vectors=word_vectors, **run)
+    features = stage(FeaturesStage(resize=stages["resize"], config=features_config), tiers, **run)
+    model_dir = stage(DeviseStage(features=features, words=stages["words"], config=head), tiers, **run)
     outputs = {**stages, "devise-features": features, "devise": model_dir}
-    if finetune_epochs:
-        model_dir = stage(FinetuneStage(devise=model_dir, config=FinetuneConfig(
-            epochs=finetune_epochs, lr=finetune_lr, batch_size=finetune_batch_size, seed=seed)), tiers,
-            refresh=refresh)
-        outputs["devise-finetune"] = model_dir
-    outputs["devise-index"] = stage(IndexStage(model=model_dir, ann_above=ann_above), tiers, refresh=refresh)
+    if finetune:
+        model_dir = outputs["devise-finetune"] = stage(FinetuneStage(devise=model_dir, config=finetune), tiers, **run)
+    outputs["devise-index"] = stage(IndexStage(model=model_dir, ann_above=ann_above), tiers, **run)
     return outputs

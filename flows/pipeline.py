@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+from typing import Annotated, Literal
+
 from prefect import flow
+from pydantic import Field
 
 from flows.shards import run_sharded
 from prep.crappify import CrappifyConfig, CrappifyStage
-from prep.listing import ListingStage
+from prep.listing import ListingStage, check_source
 from prep.resize import DEFAULT_SIZE, ResizeConfig, ResizeStage
 from prep.sample import SampleStage
 from prep.shards import DEFAULT_SHARD_IMAGES
@@ -18,22 +21,29 @@ from tasks.logs import route_stage_logs
 from tasks.stages import fingerprint_task, stage
 
 
+# parameter bounds the flow checks before it runs (the Prefect UI shows them on its run form)
+Seed = Annotated[int, Field(ge=0)]
+ImageSide = Annotated[int, Field(ge=8, le=4096)]
+Crappifier = Literal["jpeg_text", "downscale", "grayscale", "noise", "cutout"]
+
+
 @flow(name="imagesmith-pipeline")
 def pipeline(
     source: str | None = None,
-    seed: int = 0,
-    size: int = DEFAULT_SIZE,
-    shard_images: int = DEFAULT_SHARD_IMAGES,
+    seed: Seed = 0,
+    size: ImageSide = DEFAULT_SIZE,
+    shard_images: Annotated[int, Field(ge=1)] = DEFAULT_SHARD_IMAGES,
     dask_address: str | None = None,
-    crappifier: str | None = None,
-    crappify_size: int = 96,
+    crappifier: Crappifier | None = None,
+    crappify_size: Annotated[int, Field(ge=8, le=1024)] = 96,
     words: bool = True,
     word_vectors: str | None = None,
-    max_words: int = DEFAULT_MAX_WORDS,
-    sample_seed: int = 0,
-    sample_train_per_class: int = 40,
-    sample_val_per_class: int = 10,
+    max_words: Annotated[int, Field(ge=1)] = DEFAULT_MAX_WORDS,
+    sample_seed: Seed = 0,
+    sample_train_per_class: Annotated[int, Field(ge=1)] = 40,
+    sample_val_per_class: Annotated[int, Field(ge=0)] = 10,
     refresh: bool = False,
+    wait: bool = True,
 ) -> dict[str, str]:
     """Run every stage on ``source`` (an ImageNet-layout folder) or, when None, on the bundled sample.
 
@@ -42,7 +52,8 @@ def pipeline(
     ``jpeg_text``, the lesson's) adds the aligned low-quality store at ``crappify_size``. ``words`` builds the
     word-vector table for WordNet nouns and ImageNet classes from ``word_vectors`` (a Google News
     word2vec or fastText file) or, when None, the bundled GloVe 6B 50-d. ``refresh`` reruns cached
-    tasks (stages whose manifest still exists are not recomputed).
+    tasks (stages whose manifest still exists are not recomputed). ``wait``: wait for another run
+    building a stage this one needs (else fail at once with StageBusy).
     """
     route_stage_logs()
     tiers = Tiers.from_env()
@@ -50,19 +61,19 @@ def pipeline(
     resize = ResizeConfig(size=size, shard_images=shard_images)
     crappify = CrappifyConfig(crappifier=crappifier, size=crappify_size, seed=seed) if crappifier else None
     vectors = str(check_vector_path(word_vectors)) if words and word_vectors else None
+    source = str(check_source(source)) if source is not None else None
+    run = {"refresh": refresh, "wait": wait}
     if source is None:
         source = stage(SampleStage(seed=sample_seed, train_per_class=sample_train_per_class,
-                                   val_per_class=sample_val_per_class), tiers, refresh=refresh)
-    listing = stage(ListingStage(root=source, fingerprint=fingerprint_task(source), seed=seed), tiers, refresh=refresh)
-    resized = run_sharded(ResizeStage(listing=listing, config=resize), tiers, dask_address=dask_address,
-                          refresh=refresh)
+                                   val_per_class=sample_val_per_class), tiers, **run)
+    listing = stage(ListingStage(root=source, fingerprint=fingerprint_task(source), seed=seed), tiers, **run)
+    resized = run_sharded(ResizeStage(listing=listing, config=resize), tiers, dask_address=dask_address, **run)
     outputs = {"dataset": source, "listing": listing, "resize": resized}
     if crappify:
         outputs["crappify"] = run_sharded(CrappifyStage(source=resized, config=crappify), tiers,
-                                          dask_address=dask_address, refresh=refresh)
+                                          dask_address=dask_address, **run)
     if words:
-        vectors = vectors or stage(GloveStage(), tiers, refresh=refresh)
-        wordnet = stage(WordnetStage(source=str(wordnet_source())), tiers, refresh=refresh)
-        outputs["words"] = stage(EmbeddingStage(vectors=vectors, wordnet=wordnet, max_words=max_words), tiers,
-                                 refresh=refresh)
+        vectors = vectors or stage(GloveStage(), tiers, **run)
+        wordnet = stage(WordnetStage(source=str(wordnet_source())), tiers, **run)
+        outputs["words"] = stage(EmbeddingStage(vectors=vectors, wordnet=wordnet, max_words=max_words), tiers, **run)
     return outputs

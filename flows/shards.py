@@ -4,6 +4,7 @@ runner (a process per shard, or a Dask cluster), join."""
 from __future__ import annotations
 
 import os
+from contextlib import nullcontext
 from typing import Any
 
 from prefect import flow, unmapped
@@ -50,10 +51,13 @@ def run_shards(spec: ShardedStage, tiers: Tiers, shards: list[Shard], *, dask_ad
     return shards_flow(spec, tiers, shards, workers)
 
 
-def run_sharded(spec: ShardedStage, tiers: Tiers, *, dask_address: str | None = None,
-                refresh: bool = False) -> str:
-    """plan -> every shard -> join; returns the stage directory. A finished stage plans no shard."""
-    shards = plan_task(spec)(spec, tiers)
-    if shards:
-        run_shards(spec, tiers, shards, dask_address=dask_address, refresh=refresh)
-    return join_task(spec, tiers, refresh=refresh)(spec, tiers, shards)
+def run_sharded(spec: ShardedStage, tiers: Tiers, *, dask_address: str | None = None, refresh: bool = False,
+                wait: bool = True) -> str:
+    """plan -> every shard -> join, holding the stage's lock throughout (``wait``: for another run
+    building it, else ``StageBusy``); returns the stage directory. A finished stage plans no shard."""
+    stage = spec.stage_dir(tiers)
+    with nullcontext() if stage.is_complete else stage.lock(wait=wait):
+        shards = plan_task(spec)(spec, tiers)
+        if shards:
+            run_shards(spec, tiers, shards, dask_address=dask_address, refresh=refresh)
+        return join_task(spec, tiers, refresh=refresh)(spec, tiers, shards)

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
-from prefect import flow
+from typing import Annotated, Literal
 
-from flows.pipeline import pipeline
+from prefect import flow
+from pydantic import Field
+
+from flows.pipeline import Crappifier, ImageSide, Seed, pipeline
 from storage.stage import open_stage
 from storage.tiers import Tiers
 from tasks.logs import route_stage_logs
@@ -15,19 +18,20 @@ from training.superres import SuperResStage, superres_plan
 @flow(name="imagesmith-superres")
 def superres(
     source: str | None = None,
-    arch: str = "unet",
-    loss: str = "feature",
-    high_size: int = 128,
-    low_size: int = 32,
-    progressive_from: int | None = None,
-    crappifier: str = "jpeg_text",
-    epochs: int = 10,
-    lr: float = 1e-3,
-    batch_size: int = 8,
-    small_batch_size: int | None = None,
+    arch: Literal["unet", "johnson"] = "unet",
+    loss: Literal["feature", "pixel"] = "feature",
+    high_size: ImageSide = 128,
+    low_size: Annotated[int, Field(ge=8, le=1024)] = 32,
+    progressive_from: ImageSide | None = None,
+    crappifier: Crappifier = "jpeg_text",
+    epochs: Annotated[int, Field(ge=2)] = 10,
+    lr: Annotated[float, Field(gt=0)] = 1e-3,
+    batch_size: Annotated[int, Field(ge=1)] = 8,
+    small_batch_size: Annotated[int, Field(ge=1)] | None = None,
     pretrained: bool = True,
-    seed: int = 0,
+    seed: Seed = 0,
     refresh: bool = False,
+    wait: bool = True,
 ) -> dict[str, object]:
     """Train a generator from ``crappifier`` at ``low_size`` back to ``high_size`` originals and
     evaluate it against bicubic on held-out images.
@@ -43,7 +47,7 @@ def superres(
                                   progressive_from=progressive_from, epochs=epochs, lr=lr, batch_size=batch_size,
                                   small_batch_size=small_batch_size, pretrained=pretrained, seed=seed)
     crappified = [pipeline(source=source, seed=seed, size=high, crappifier=crappifier, crappify_size=low,
-                           words=False, refresh=refresh) for high, low in sizes]
+                           words=False, refresh=refresh, wait=wait) for high, low in sizes]
     model_dir = stage(SuperResStage(pairs=tuple(c["crappify"] for c in crappified), config=config),
-                      Tiers.from_env(), refresh=refresh)
+                      Tiers.from_env(), refresh=refresh, wait=wait)
     return {**crappified[-1], "superres": model_dir, "metrics": open_stage(model_dir).manifest()["evaluation"]}

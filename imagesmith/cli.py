@@ -1,4 +1,9 @@
-"""The ``imagesmith`` command."""
+"""The ``imagesmith`` command.
+
+Exit codes: 0 success; 1 a run failed (its log says why; a full disk says which stage, where and
+how much space is left); 2 bad input, one line naming the value and what is accepted, checked
+before any work starts; 75 (EX_TEMPFAIL) ``--no-wait`` found another run building a stage.
+"""
 
 from __future__ import annotations
 
@@ -11,14 +16,45 @@ from pathlib import Path
 
 from imagesmith.offline import apply_offline_defaults
 
+EXIT_FAILED, EXIT_USAGE, EXIT_BUSY = 1, 2, 75
+SIZE_RANGE = (8, 4096)  # the HDF5 stores' square side (prep.resize.ResizeConfig)
+CRAPPIFIERS = ["jpeg_text", "downscale", "grayscale", "noise", "cutout"]
+
+
+class UsageError(Exception):
+    """Bad input to a command: one line, exit code 2."""
+
+
+def _int_in(low: int, high: int | None = None):
+    """An argparse type: an integer in [low, high]; the error names the value and the range."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+        if value < low or (high is not None and value > high):
+            accepted = f"between {low} and {high}" if high is not None else f">= {low}"
+            raise argparse.ArgumentTypeError(f"{value} is out of range; use a number {accepted}")
+        return value
+    return parse
+
+
+def _existing(path: str | None, what: str) -> Path | None:
+    """``path`` if it exists, else a UsageError naming it."""
+    if path is None:
+        return None
+    if not Path(path).exists():
+        raise UsageError(f"{what} {path!r} does not exist")
+    return Path(path)
+
 
 def _cmd_doctor(args: argparse.Namespace) -> int:
     import h5py
     import prefect
     import torch
 
-    from storage.tiers import Tiers
     from prep.imaging import imaging_backend
+    from storage.tiers import Tiers
 
     info = imaging_backend()
     tiers = Tiers.from_env()
@@ -50,8 +86,7 @@ def _cmd_sample(args: argparse.Namespace) -> int:
     if args.out:
         out = Path(args.out)
         if out.exists() and any(out.iterdir()):
-            print(f"error: {out} is not empty; choose a new folder", file=sys.stderr)
-            return 2
+            raise UsageError(f"{out} is not empty; choose a new folder")
         summary = build_sample(out, **sizes)
         print(f"sample dataset: {out.resolve()} ({summary['counts']})")
     else:
@@ -60,24 +95,43 @@ def _cmd_sample(args: argparse.Namespace) -> int:
     return 0
 
 
+def _check_pipeline_args(args: argparse.Namespace) -> None:
+    """Everything the pipeline will be handed, checked before a server or a flow starts."""
+    from prep.listing import check_source
+    from storage.wordvec import check_vector_path
+
+    try:
+        if args.source:
+            args.source = str(check_source(args.source))
+        if args.word_vectors:
+            check_vector_path(args.word_vectors)
+    except (OSError, ValueError) as e:
+        raise UsageError(str(e)) from None
+
+
 def _run_pipeline(args: argparse.Namespace) -> dict[str, str]:
     from flows.pipeline import pipeline
 
     return pipeline(source=args.source, seed=args.seed, size=args.size, dask_address=args.dask_address,
-                    crappifier=args.crappifier, word_vectors=args.word_vectors, refresh=args.refresh)
+                    crappifier=args.crappifier, word_vectors=args.word_vectors, refresh=args.refresh,
+                    wait=not args.no_wait)
 
 
 def _print_outputs(outputs: dict[str, str]) -> None:
-    from storage.stage import open_stage
+    from storage.stage import MANIFEST_NAME, open_stage
 
     print("\nartifacts:")
     for stage, path in outputs.items():
+        if not (Path(path) / MANIFEST_NAME).is_file():  # the user's own source folder: not a stage of ours
+            print(f"  {stage:<8} {path}  (your folder)")
+            continue
         manifest = open_stage(path).manifest()
         summary = manifest.get("counts") or manifest.get("report", "")
         print(f"  {stage:<8} {path}  {summary}")
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
+    _check_pipeline_args(args)
     _print_outputs(_run_pipeline(args))
     return 0
 
@@ -90,19 +144,28 @@ def _latest_stage(stage: str, tier: str = "fast") -> Path:
     root = Tiers.from_env().root(tier) / stage
     done = sorted(root.glob(f"*/{MANIFEST_NAME}"), key=lambda p: p.stat().st_mtime)
     if not done:
-        raise SystemExit(f"error: no finished {stage!r} stage under {root}; run `imagesmith run` first")
+        raise UsageError(f"no finished {stage!r} stage under {root}; run `imagesmith run` first")
     return done[-1].parent
+
+
+def _finished_stage(path: str | None, stage: str, option: str) -> Path:
+    """A finished stage directory the user named with ``option`` (default: the newest ``stage``)."""
+    from storage.stage import MANIFEST_NAME
+
+    if path is None:
+        return _latest_stage(stage)
+    if not (Path(path) / MANIFEST_NAME).is_file():
+        raise UsageError(f"{option} {path!r} is not a finished {stage!r} stage directory (no {MANIFEST_NAME})")
+    return Path(path)
 
 
 def _cmd_words(args: argparse.Namespace) -> int:
     from storage.words import WordTable
 
-    table = WordTable(args.table or _latest_stage("embeddings"))
-    try:
-        hits = table.nearest_words(table.vector_for(args.text), k=args.k, vocabulary=args.vocabulary)
-    except KeyError as e:
-        print(f"error: {e.args[0]}", file=sys.stderr)
-        return 2
+    if not args.text.strip():
+        raise UsageError("the text is empty; give words to look up, e.g. \"golden retriever\"")
+    table = WordTable(_finished_stage(args.table, "embeddings", "--table"))
+    hits = table.nearest_words(table.vector_for(args.text), k=args.k, vocabulary=args.vocabulary)
     print(f"nearest {args.vocabulary} synsets to {args.text!r} ({table.manifest['vectors_file']}):")
     for wnid, words, score in hits:
         print(f"  {wnid}  {score:.3f}  {words}")
@@ -113,11 +176,9 @@ def _cmd_evaluate_superres(args: argparse.Namespace) -> int:
     from storage.catalog import source_store
     from training.superres import evaluate_superres, load_generator
 
-    try:
-        source = source_store(args.store)
-    except (ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    _existing(args.model, "model")
+    _existing(args.store, "store")
+    source = source_store(args.store)
     result = evaluate_superres(load_generator(args.model), args.store, source, limit=args.limit)
     print(f"{result['images']} images of {args.store} against {source}")
     print(f"{'':<10} {'PSNR dB':>8} {'SSIM':>7}")
@@ -128,16 +189,31 @@ def _cmd_evaluate_superres(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_enhance(args: argparse.Namespace) -> int:
+def _read_image(path: str):
+    """(3, H, W) float in [0, 1] of an image file, or a UsageError saying why it cannot be read."""
     import numpy as np
     import torch
+    from PIL import Image, UnidentifiedImageError
+
+    from prep.resize import to_rgb
+
+    _existing(path, "image")
+    try:
+        with Image.open(path) as im:
+            return torch.from_numpy(np.array(to_rgb(im))).permute(2, 0, 1).float() / 255
+    except (UnidentifiedImageError, OSError, SyntaxError) as e:
+        raise UsageError(f"{path!r} is not a readable image ({type(e).__name__}: {e})") from None
+
+
+def _cmd_enhance(args: argparse.Namespace) -> int:
+    import numpy as np
     from PIL import Image
 
     from training.superres import enhance, load_generator
 
+    _existing(args.model, "model")
     model = load_generator(args.model)
-    with Image.open(args.input) as im:
-        x = torch.from_numpy(np.array(im.convert("RGB"))).permute(2, 0, 1).float() / 255
+    x = _read_image(args.input)
     y = enhance(model, x, tile=args.tile)
     Image.fromarray((y.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)).save(args.output)
     print(f"{args.input} {tuple(x.shape[1:][::-1])} -> {args.output} {tuple(y.shape[1:][::-1])}")
@@ -149,10 +225,11 @@ def _cmd_devise(args: argparse.Namespace) -> int:
     from storage.stage import open_stage
     from training.devise.evaluate import format_hits
 
+    _check_pipeline_args(args)
     outputs = devise(source=args.source, size=args.size, backbone=args.backbone, pretrained=not args.no_pretrained,
                      epochs=args.epochs, batch_size=args.batch_size, finetune_epochs=args.finetune_epochs,
                      zero_shot=args.zero_shot, word_vectors=args.word_vectors, ann_above=args.ann_above,
-                     seed=args.seed, refresh=args.refresh)
+                     seed=args.seed, refresh=args.refresh, wait=not args.no_wait)
     model_dir = outputs.get("devise-finetune", outputs["devise"])
     print(format_hits(open_stage(model_dir).manifest()["metrics"]))
     print(f"model: {model_dir}\nsearch index: {outputs['devise-index']}")
@@ -160,24 +237,28 @@ def _cmd_devise(args: argparse.Namespace) -> int:
 
 
 def _cmd_search(args: argparse.Namespace) -> int:
+    from prep.resize import Rejected
     from training.devise.search import DeviseSearch
 
-    search = DeviseSearch(args.index or _latest_stage("devise-index"))
-    try:
-        if args.text:
-            hits = search.images_for_text(args.text, k=args.k)
-            print(f"images nearest to {args.text!r}:")
-        else:
+    if args.text is not None and not args.text.strip():
+        raise UsageError("--text is empty; give words to search for, e.g. --text \"jumbo jet\"")
+    if args.image is not None:
+        _existing(args.image, "--image")
+    search = DeviseSearch(_finished_stage(args.index, "devise-index", "--index"))
+    if args.text is not None:
+        hits = search.images_for_text(args.text, k=args.k)
+        print(f"images nearest to {args.text!r}:")
+    else:
+        try:
             vector = search.embed_image(args.image)
-            for vocabulary in ("imagenet", "wordnet"):
-                print(f"nearest {'ImageNet classes' if vocabulary == 'imagenet' else 'WordNet nouns'} to {args.image}:")
-                for wnid, words, score in search.table.nearest_words(vector, k=args.k, vocabulary=vocabulary):
-                    print(f"  {score:.3f}  {wnid}  {words}")
-            hits = search.images_for_vector(vector, k=args.k)
-            print(f"nearest images to {args.image}:")
-    except KeyError as e:
-        print(f"error: {e.args[0]}", file=sys.stderr)
-        return 2
+        except Rejected as e:
+            raise UsageError(f"--image {args.image!r}: {e}") from None
+        for vocabulary in ("imagenet", "wordnet"):
+            print(f"nearest {'ImageNet classes' if vocabulary == 'imagenet' else 'WordNet nouns'} to {args.image}:")
+            for wnid, words, score in search.table.nearest_words(vector, k=args.k, vocabulary=vocabulary):
+                print(f"  {score:.3f}  {wnid}  {words}")
+        hits = search.images_for_vector(vector, k=args.k)
+        print(f"nearest images to {args.image}:")
     for hit in hits:
         print(f"  {hit.score:.3f}  {hit.wnid}  {search.table.names.get(hit.wnid, '?'):<20}  {hit.path}")
     return 0
@@ -200,6 +281,7 @@ def _cmd_server(args: argparse.Namespace) -> int:
 def _cmd_demo(args: argparse.Namespace) -> int:
     from imagesmith.server import start_server
 
+    _check_pipeline_args(args)
     url, started = start_server(port=args.port)
     print(f"prefect server {'started' if started else 'already running'} at {url}")
     # in the environment, not only in this process's settings: shard tasks run in child processes
@@ -212,8 +294,23 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_run_options(p: argparse.ArgumentParser) -> None:
+    """Options every flow command shares."""
+    p.add_argument("--source", help="ImageNet-layout folder (train/<wnid>/*.JPEG); default: the bundled sample")
+    p.add_argument("--seed", type=_int_in(0), default=0, help="shuffle (and initial weights) seed")
+    p.add_argument("--refresh", action="store_true",
+                   help="rerun cached tasks; a stage whose directory still has its manifest is not "
+                        "recomputed (delete that directory to force it)")
+    p.add_argument("--no-wait", action="store_true",
+                   help="fail at once (exit 75) when another run is building a stage this run needs, "
+                        "instead of waiting for it")
+    p.add_argument("--word-vectors", help="GoogleNews-vectors-negative300.bin or a fastText .bin/.vec "
+                                          "(default: the bundled GloVe 6B 50-d)")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="imagesmith", description=__doc__)
+    parser = argparse.ArgumentParser(prog="imagesmith", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("doctor", help="report the imaging backend, versions, tiers and Prefect API")
@@ -222,9 +319,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("sample", help="build the bundled sample dataset (real photos, ImageNet layout)")
     p.add_argument("--out", help="folder to write (default: a stage directory on the bulk tier)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--train-per-class", type=int, default=40)
-    p.add_argument("--val-per-class", type=int, default=10)
+    p.add_argument("--seed", type=_int_in(0), default=0)
+    p.add_argument("--train-per-class", type=_int_in(1), default=40)
+    p.add_argument("--val-per-class", type=_int_in(0), default=10)
     p.set_defaults(func=_cmd_sample)
 
     for name, func, text in (
@@ -232,26 +329,19 @@ def build_parser() -> argparse.ArgumentParser:
         ("demo", _cmd_demo, "start a local Prefect server if none runs, then run the pipeline on the sample"),
     ):
         p = sub.add_parser(name, help=text)
-        p.add_argument("--source", help="ImageNet-layout folder (train/<wnid>/*.JPEG); default: the bundled sample")
-        p.add_argument("--seed", type=int, default=0, help="shuffle seed")
-        p.add_argument("--refresh", action="store_true",
-                       help="rerun cached tasks; a stage whose directory still has its manifest is not "
-                            "recomputed (delete that directory to force it)")
-        p.add_argument("--size", type=int, default=224, help="square side of the HDF5 image stores")
+        _add_run_options(p)
+        p.add_argument("--size", type=_int_in(*SIZE_RANGE), default=224, help="square side of the HDF5 image stores")
         p.add_argument("--dask-address", help="run resize shards on this Dask scheduler (tcp://host:8786)")
-        p.add_argument("--crappifier", default="jpeg_text" if name == "demo" else None,
-                       choices=["jpeg_text", "downscale", "grayscale", "noise", "cutout"],
+        p.add_argument("--crappifier", default="jpeg_text" if name == "demo" else None, choices=CRAPPIFIERS,
                        help="add the aligned low-quality store (stage 4) made by this crappifier"
                             + (" (default: jpeg_text, the lesson's)" if name == "demo" else ""))
-        p.add_argument("--word-vectors", help="GoogleNews-vectors-negative300.bin or a fastText .bin/.vec "
-                                              "(default: the bundled GloVe 6B 50-d)")
         if name == "demo":
-            p.add_argument("--port", type=int, default=4200)
+            p.add_argument("--port", type=_int_in(1, 65535), default=4200)
         p.set_defaults(func=func)
 
     p = sub.add_parser("words", help="nearest ImageNet classes or WordNet nouns to a text, by word vectors")
     p.add_argument("text")
-    p.add_argument("-k", type=int, default=5)
+    p.add_argument("-k", type=_int_in(1), default=5)
     p.add_argument("--vocabulary", choices=["imagenet", "wordnet"], default="imagenet")
     p.add_argument("--table", help="an embeddings stage directory (default: the newest on the fast tier)")
     p.set_defaults(func=_cmd_words)
@@ -259,51 +349,72 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("evaluate-superres", help="PSNR/SSIM of a trained generator vs bicubic on a crappified store")
     p.add_argument("model", help="model.pt written by super-resolution training (or its folder)")
     p.add_argument("store", help="a crappified store, e.g. data/fast/crappify/<key>/val.h5")
-    p.add_argument("--limit", type=int, help="evaluate only the first N images")
+    p.add_argument("--limit", type=_int_in(1), help="evaluate only the first N images")
     p.set_defaults(func=_cmd_evaluate_superres)
 
     p = sub.add_parser("enhance", help="upscale/restore any image with a trained generator (tiled)")
     p.add_argument("model")
     p.add_argument("input")
     p.add_argument("output")
-    p.add_argument("--tile", type=int, default=256, help="tile side in input pixels (bounds memory)")
+    p.add_argument("--tile", type=_int_in(16), default=256, help="tile side in input pixels (bounds memory)")
     p.set_defaults(func=_cmd_enhance)
 
     p = sub.add_parser("devise", help="train DeViSE (images -> word vectors) and build its search index")
-    p.add_argument("--source", help="ImageNet-layout folder (default: the bundled sample)")
-    p.add_argument("--size", type=int, default=224, help="square side of the image store")
+    _add_run_options(p)
+    p.add_argument("--size", type=_int_in(*SIZE_RANGE), default=224, help="square side of the image store")
     p.add_argument("--backbone", default="resnet50", help="torchvision CNN, e.g. resnet18, resnet50, convnext_tiny")
     p.add_argument("--no-pretrained", action="store_true", help="train the backbone from scratch (no local weights)")
-    p.add_argument("--epochs", type=int, default=10, help="head epochs (1cycle) on precomputed features")
-    p.add_argument("--batch-size", type=int, default=256)
-    p.add_argument("--finetune-epochs", type=int, default=0, help="then fine-tune body + head end to end")
+    p.add_argument("--epochs", type=_int_in(2), default=10, help="head epochs (1cycle) on precomputed features")
+    p.add_argument("--batch-size", type=_int_in(2), default=256)
+    p.add_argument("--finetune-epochs", type=_int_in(0), default=0,
+                   help="then fine-tune body + head end to end (0: no fine-tuning, else at least 2)")
     p.add_argument("--zero-shot", nargs="+", metavar="WNID",
                    help="classes held out of training (default: the classes outside ImageNet-1k)")
-    p.add_argument("--word-vectors", help="GoogleNews-vectors-negative300.bin or fastText (default: bundled GloVe)")
-    p.add_argument("--ann-above", type=int, default=100_000, help="use an HNSW index above this many images")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--refresh", action="store_true", help="rerun cached tasks")
+    p.add_argument("--ann-above", type=_int_in(0), default=100_000, help="use an HNSW index above this many images")
     p.set_defaults(func=_cmd_devise)
 
     p = sub.add_parser("search", help="DeViSE search: text -> images, or image -> words and images")
     what = p.add_mutually_exclusive_group(required=True)
     what.add_argument("--text", help='words to find images of, e.g. "jumbo jet"')
     what.add_argument("--image", help="an image file to name and find similar images to")
-    p.add_argument("-k", type=int, default=10)
+    p.add_argument("-k", type=_int_in(1), default=10)
     p.add_argument("--index", help="a devise-index stage directory (default: the newest on the fast tier)")
     p.set_defaults(func=_cmd_search)
 
     p = sub.add_parser("server", help="manage the local Prefect server (127.0.0.1, PREFECT_HOME=.prefect)")
     p.add_argument("action", choices=["start", "stop", "status"])
-    p.add_argument("--port", type=int, default=4200)
+    p.add_argument("--port", type=_int_in(1, 65535), default=4200)
     p.set_defaults(func=_cmd_server)
     return parser
+
+
+def _one_line(error: BaseException) -> str:
+    text = error.args[0] if isinstance(error, KeyError) and error.args else str(error)
+    return " ".join(str(text).split()) or type(error).__name__
 
 
 def main(argv: list[str] | None = None) -> int:
     apply_offline_defaults()
     args = build_parser().parse_args(argv)
-    return args.func(args)
+    from storage.stage import DiskFull, StageBusy, StageIncomplete
+
+    try:
+        return args.func(args)
+    except UsageError as e:
+        print(f"error: {_one_line(e)}", file=sys.stderr)
+        return EXIT_USAGE
+    except StageBusy as e:
+        print(f"error: {_one_line(e)}", file=sys.stderr)
+        return EXIT_BUSY
+    except DiskFull as e:
+        print(f"error: {_one_line(e)}", file=sys.stderr)
+        return EXIT_FAILED
+    except (OSError, StageIncomplete, ValueError, KeyError) as e:
+        if args.command in ("run", "demo", "devise"):
+            raise  # inside a flow run: not an input we checked, so the traceback helps
+        # a file or folder the user named that is missing, unreadable or of the wrong kind
+        print(f"error: {_one_line(e)}", file=sys.stderr)
+        return EXIT_USAGE
 
 
 if __name__ == "__main__":

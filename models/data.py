@@ -23,6 +23,7 @@ from storage.hdf5 import DEFAULT_CHUNK_IMAGES, open_store
 
 log = logging.getLogger(__name__)
 
+REMAINDER = "remainder"  # a worker's rows left over after its last full batch
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -92,7 +93,7 @@ class ChunkShuffleStream(IterableDataset):
         self._epoch.fill_(epoch)
 
     def __len__(self) -> int:
-        """Batches per epoch (with several workers, each worker's last batch may be partial)."""
+        """Batches per epoch (through ``make_loader``, with any number of workers)."""
         n = self.n_kept
         return n // self.batch_size if self.drop_last else math.ceil(n / self.batch_size)
 
@@ -140,13 +141,50 @@ class ChunkShuffleStream(IterableDataset):
             for i in range(0, full, self.batch_size):
                 yield torch.from_numpy(x[i:i + self.batch_size]), torch.from_numpy(y[i:i + self.batch_size])
             carry_x, carry_y = x[full:], y[full:]
-        if len(carry_x) and not self.drop_last:
+        if len(carry_x) and info is not None and info.num_workers > 1:
+            # a worker's last rows cannot fill a batch alone; the loader in the main process
+            # batches every worker's remainder together (StoreLoader), so an epoch has len() batches
+            yield {REMAINDER: (torch.from_numpy(carry_x), torch.from_numpy(carry_y))}
+        elif len(carry_x) and not self.drop_last:
             yield torch.from_numpy(carry_x), torch.from_numpy(carry_y)
 
 
+class StoreLoader:
+    """Batches of a ``ChunkShuffleStream`` formed in DataLoader worker processes, exactly ``len()``
+    per epoch: each worker yields the full batches of its own blocks, and the rows each has left
+    over are batched together here, in a seeded order. (Without that, every worker would drop or
+    shorten its own last batch, and an epoch's batch count would depend on how rows fell.)"""
+
+    def __init__(self, loader: DataLoader):
+        self.loader = loader
+        self.dataset: ChunkShuffleStream = loader.dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        stream, rest = self.dataset, []
+        for item in self.loader:
+            if isinstance(item, dict):
+                rest.append(item[REMAINDER])
+            else:
+                yield item
+        if not rest:
+            return
+        x, y = torch.cat([r[0] for r in rest]), torch.cat([r[1] for r in rest])
+        if stream.shuffle:
+            order = torch.randperm(len(x), generator=torch.Generator().manual_seed(stream.seed * 1_000_003 + stream.epoch))
+            x, y = x[order], y[order]
+        bs = stream.batch_size
+        stop = len(x) if not stream.drop_last else len(x) // bs * bs
+        for a in range(0, stop, bs):
+            yield x[a:a + bs], y[a:a + bs]
+
+
 def make_loader(store: str | Path, batch_size: int, *, num_workers: int = 2, pin_memory: bool | None = None,
-                **stream_kwargs) -> DataLoader:
-    """A DataLoader over ``ChunkShuffleStream`` (batches are formed in the workers).
+                **stream_kwargs) -> StoreLoader:
+    """Batches from ``store`` through a DataLoader over ``ChunkShuffleStream`` (batches are formed in
+    the workers; see ``StoreLoader``).
 
     Workers start from a fork server, not by forking this process: inside a Prefect flow the
     process runs threads (log shipping, the event loop), and a fork copies their locks mid-use
@@ -162,7 +200,12 @@ def make_loader(store: str | Path, batch_size: int, *, num_workers: int = 2, pin
         # the fork server imports torch/h5py once; workers fork from it warm (no effect once it runs)
         ctx.set_forkserver_preload(["models.data"])
         workers = {"prefetch_factor": 4, "persistent_workers": True, "multiprocessing_context": ctx}
-    return DataLoader(stream, batch_size=None, num_workers=num_workers, pin_memory=pin_memory, **workers)
+    # The loader draws its workers' base seed when it is first iterated. From the global RNG, that
+    # draw would come after a resumed run restored the checkpoint's RNG state and shift every later
+    # draw (dropout...): exact resume needs the loader to have its own generator.
+    generator = torch.Generator().manual_seed(stream.seed)
+    return StoreLoader(DataLoader(stream, batch_size=None, num_workers=num_workers, pin_memory=pin_memory,
+                                  generator=generator, **workers))
 
 
 def store_batches(images, batch_size: int, device: torch.device | str, *, what: str,

@@ -14,6 +14,7 @@ On CUDA: bf16 autocast and channels_last. On CPU (tests): plain float32.
 from __future__ import annotations
 
 import logging
+import pickle
 import random
 import sys
 import time
@@ -70,29 +71,56 @@ def seed_everything(seed: int) -> None:
 
 
 def _rng_state() -> dict[str, Any]:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    """Every RNG's state as tensors and plain values (loadable with ``weights_only=True``)."""
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {"python": random.getstate(), "torch": torch.get_rng_state(),
+             "numpy": [name, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached)]}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
 
 
 def _set_rng_state(state: dict[str, Any]) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def _plain(value: Any) -> Any:
+    """Paths as strings, containers walked: what a ``weights_only`` load accepts besides tensors."""
+    if isinstance(value, Path):
+        return str(value)
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_plain(v) for v in value)
+    return value
+
+
 def save_checkpoint(path: Path, **state: Any) -> None:
-    """Written under a temporary name and renamed: a crash leaves the previous checkpoint whole."""
+    """Tensors and plain values only (so ``load_checkpoint`` never needs to unpickle code), written
+    under a temporary name and renamed: a crash leaves the previous checkpoint whole."""
     with atomic_path(path) as tmp:
-        torch.save(state, tmp)
+        torch.save(_plain(state), tmp)
 
 
 def load_checkpoint(path: Path) -> dict[str, Any]:
-    # our own files, holding Python/NumPy RNG states that weights_only loading refuses
-    return torch.load(path, map_location="cpu", weights_only=False)
+    """A checkpoint or export: tensors and plain values only (``weights_only``). Anything else, e.g. a
+    pickle that names a function to call, is refused: a file we are handed must never run code."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        raise ValueError(f"{path} is not a plain weights file: it holds objects beyond tensors and plain values, "
+                         "which could run code when loaded; refusing to load it") from None
+    except OSError:
+        raise
+    except Exception as e:  # noqa: BLE001  (torch.load of junk raises KeyError, EOFError, RuntimeError ...)
+        raise ValueError(f"{path} is not a readable weights file ({type(e).__name__}); expected a model.pt "
+                         "or checkpoint written by imagesmith") from None
 
 
 def load_export(path: str | Path, kind: str, what: str) -> tuple[dict[str, Any], dict[str, Any], Path]:

@@ -11,13 +11,14 @@ mtimes of the split and class folders, which change whenever a file is added, re
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
 import os
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -33,16 +34,35 @@ SPLITS = ("train", "val")
 IMAGE_SUFFIXES = frozenset({".jpeg", ".jpg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp"})
 
 
-def _check_root(root: Path, splits: Sequence[str]) -> list[str]:
+def check_source(root: Path | str) -> Path:
+    """The dataset root, resolved, if it is a folder with a ``train/`` folder; else one clear error."""
+    root = Path(root).expanduser()
+    if not root.exists():
+        raise FileNotFoundError(f"source {str(root)!r} does not exist; expected an ImageNet-layout folder "
+                                f"{root}/train/<wnid>/*.JPEG")
     if not root.is_dir():
-        raise FileNotFoundError(f"dataset root {root} is not a directory; expected {root}/train/<wnid>/*.JPEG")
-    present = [s for s in splits if (root / s).is_dir()]
-    if not present:
-        raise FileNotFoundError(
-            f"no {' or '.join(repr(s) for s in splits)} folder under {root}; "
-            f"expected the ImageNet layout {root}/train/<wnid>/*.JPEG"
-        )
-    return present
+        raise NotADirectoryError(f"source {str(root)!r} is not a folder; expected an ImageNet-layout folder "
+                                 f"{root}/train/<wnid>/*.JPEG")
+    if not (root / "train").is_dir():
+        raise FileNotFoundError(f"source {str(root)!r} has no train/ folder; expected the ImageNet layout "
+                                f"{root}/train/<wnid>/*.JPEG (and optionally val/<wnid>/)")
+    return root.resolve()
+
+
+def _check_root(root: Path, splits: Sequence[str]) -> list[str]:
+    check_source(root)
+    return [s for s in splits if (root / s).is_dir()]
+
+
+def _unsafe(name: str) -> bool:
+    """A name the listing's TSV cannot hold (a tab or line break), or that is not valid UTF-8."""
+    if any(c in name for c in "\t\n\r"):
+        return True
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:  # undecodable bytes, kept by the OS as surrogate escapes
+        return True
+    return False
 
 
 def fingerprint_dataset(root: Path | str, splits: Sequence[str] = SPLITS) -> str:
@@ -59,17 +79,26 @@ def fingerprint_dataset(root: Path | str, splits: Sequence[str] = SPLITS) -> str
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-def _scan_split(split_dir: Path, split: str) -> tuple[dict[str, list[str]], int]:
-    """``{wnid: sorted relative paths}`` for one split, and the number of skipped entries."""
-    by_class: dict[str, list[str]] = {}
-    skipped = 0
+@dataclass
+class _Scan:
+    by_class: dict[str, list[str]]  # wnid -> sorted relative paths
+    skipped: int = 0  # non-image entries
+    empty: list[str] = field(default_factory=list)  # class folders without an image file
+    unsafe: list[str] = field(default_factory=list)  # entries whose names a TSV cannot hold (repr)
+
+
+def _scan_split(split_dir: Path, split: str) -> _Scan:
+    """Every image file of one split, by class folder, and what was left out and why."""
+    scan = _Scan(by_class={})
     with os.scandir(split_dir) as it:
         class_dirs = []
         for entry in it:
-            if entry.is_dir():
+            if entry.is_dir() and _unsafe(entry.name):
+                scan.unsafe.append(repr(f"{split}/{entry.name}/"))
+            elif entry.is_dir():
                 class_dirs.append(entry.name)
             else:
-                skipped += 1
+                scan.skipped += 1
     class_dirs.sort()
     start = time.perf_counter()
     n_files = 0
@@ -78,27 +107,34 @@ def _scan_split(split_dir: Path, split: str) -> tuple[dict[str, list[str]], int]
         with os.scandir(split_dir / wnid) as it:
             for entry in it:
                 # is_file() answers from the directory entry's d_type: no stat on Linux filesystems
-                if entry.is_file() and os.path.splitext(entry.name)[1].lower() in IMAGE_SUFFIXES:
-                    names.append(entry.name)
+                if not (entry.is_file() and os.path.splitext(entry.name)[1].lower() in IMAGE_SUFFIXES):
+                    scan.skipped += 1
+                elif _unsafe(entry.name):
+                    scan.unsafe.append(repr(f"{split}/{wnid}/{entry.name}"))
                 else:
-                    skipped += 1
+                    names.append(entry.name)
         names.sort()  # scandir order depends on the filesystem; sorting makes the listing reproducible
-        by_class[wnid] = [f"{split}/{wnid}/{n}" for n in names]
+        if not names:
+            scan.empty.append(wnid)
+        scan.by_class[wnid] = [f"{split}/{wnid}/{n}" for n in names]
         n_files += len(names)
         if i % 100 == 0 or i == len(class_dirs):
             log.info("listing %s: %d/%d class folders, %d files, %.1f s",
                      split, i, len(class_dirs), n_files, time.perf_counter() - start)
-    return by_class, skipped
+    if scan.empty:
+        log.warning("listing %s: %d class folders hold no image file: %s", split, len(scan.empty),
+                    ", ".join(scan.empty[:10]))
+    if scan.unsafe:
+        log.warning("listing %s: skipped %d entries whose names hold a tab, a line break or bytes that are not "
+                    "UTF-8, e.g. %s", split, len(scan.unsafe), scan.unsafe[0])
+    return scan
 
 
 def list_dataset(root: Path | str, splits: Sequence[str] = SPLITS) -> Listing:
     """List ``root/<split>/<wnid>/*`` image files in sorted order; label = index of the sorted wnid."""
     root = Path(root).resolve()
-    scanned: dict[str, dict[str, list[str]]] = {}
-    skipped = 0
-    for split in _check_root(root, splits):
-        scanned[split], n_skipped = _scan_split(root / split, split)
-        skipped += n_skipped
+    scans = {split: _scan_split(root / split, split) for split in _check_root(root, splits)}
+    scanned = {split: scan.by_class for split, scan in scans.items()}
     classes = sorted({wnid for by_class in scanned.values() for wnid, paths in by_class.items() if paths})
     if not classes:
         raise FileNotFoundError(f"no image files under {root}/{{{','.join(scanned)}}}/<wnid>/ "
@@ -111,7 +147,9 @@ def list_dataset(root: Path | str, splits: Sequence[str] = SPLITS) -> Listing:
         paths = [p for wnid in sorted(by_class) for p in by_class[wnid]]
         labels = np.fromiter((index[p.split("/", 2)[1]] for p in paths), dtype=np.int16, count=len(paths))
         splits_out[split] = SplitListing(paths=paths, labels=labels)
-    return Listing(root=root, classes=classes, splits=splits_out, skipped=skipped)
+    return Listing(root=root, classes=classes, splits=splits_out, skipped=sum(s.skipped for s in scans.values()),
+                   empty={split: s.empty for split, s in scans.items() if s.empty},
+                   unsafe=[name for s in scans.values() for name in s.unsafe])
 
 
 def shuffle_listing(listing: Listing, seed: int) -> Listing:
@@ -121,7 +159,7 @@ def shuffle_listing(listing: Listing, seed: int) -> Listing:
         # the split's name in the seed: train and val get independent streams
         order = np.random.default_rng([seed, *split.encode()]).permutation(len(s.paths))
         shuffled[split] = SplitListing(paths=[s.paths[i] for i in order], labels=s.labels[order])
-    return Listing(root=listing.root, classes=listing.classes, splits=shuffled, skipped=listing.skipped)
+    return dataclasses.replace(listing, splits=shuffled)
 
 
 @dataclass(frozen=True)
@@ -129,7 +167,7 @@ class ListingStage(StageSpec):
     """Stage 1: the dataset at ``root`` (in the state ``fingerprint`` names), listed and shuffled with ``seed``."""
 
     name = "listing"
-    version = 1  # bump when the listing's content or format changes
+    version = 2  # bump when the listing's content or format changes (2: unsafe names skipped, empty folders reported)
     root: str
     fingerprint: str
     seed: int = 0
@@ -152,14 +190,19 @@ class ListingStage(StageSpec):
         log.info("listing: %s files in %d classes, skipped %d non-image entries; %.2f s (listing %.2f s)",
                  counts, len(listing.classes), listing.skipped, elapsed, list_s)
         return {"root": str(listing.root), "seed": self.seed, "counts": counts, "classes": len(listing.classes),
-                "per_class": per_class, "skipped_non_image": listing.skipped, "list_s": round(list_s, 3),
-                "elapsed_s": round(elapsed, 3)}
+                "per_class": per_class, "skipped_non_image": listing.skipped, "empty_class_folders": listing.empty,
+                "skipped_unsafe_names": listing.unsafe, "list_s": round(list_s, 3), "elapsed_s": round(elapsed, 3)}
 
     def summarize(self, stage: StageDir, report: Reporter) -> None:
         m = stage.manifest()
         report.table(
             "listing",
             [{"split": split, "images": n, "classes": m["classes"]} for split, n in m["counts"].items()]
-            + [{"split": "(skipped non-image entries)", "images": m["skipped_non_image"], "classes": ""}],
+            + [{"split": "(skipped non-image entries)", "images": m["skipped_non_image"], "classes": ""}]
+            + [{"split": f"(empty class folders in {split})", "images": 0, "classes": ", ".join(wnids)}
+               for split, wnids in m["empty_class_folders"].items()]
+            + ([{"split": "(skipped: names with a tab, line break or non-UTF-8 bytes)",
+                 "images": len(m["skipped_unsafe_names"]), "classes": ", ".join(m["skipped_unsafe_names"][:20])}]
+               if m["skipped_unsafe_names"] else []),
             f"Listing of `{m['root']}` shuffled with seed {m['seed']} in {m['elapsed_s']} s: `{stage.path}`",
         )

@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from prep.imaging import imaging_backend
 from prep.shards import DEFAULT_SHARD_IMAGES, Shard, ShardedStage, worker_map
@@ -84,8 +84,9 @@ def load_square(path: str | Path, size: int, *, max_pixels: int = DEFAULT_MAX_PI
                 # it picks the largest reduction that keeps both sides >= size
                 im.draft(None, (size, size))
             im.load()
-            if im.mode != "RGB":
-                im = im.convert("RGB")  # CMYK, L, P, RGBA, I;16 ...
+            if "exif" in im.info and im.getexif().get(EXIF_ORIENTATION, 1) != 1:
+                im = ImageOps.exif_transpose(im)  # a phone photo stored sideways: upright, as it is shown
+            im = to_rgb(im)
             w, h = im.size
             side = min(w, h)
             left, top = (w - side) / 2, (h - side) / 2
@@ -102,6 +103,19 @@ def load_square(path: str | Path, size: int, *, max_pixels: int = DEFAULT_MAX_PI
         raise Rejected(f"decompression bomb: {e}") from e
     except (OSError, SyntaxError, ValueError) as e:  # truncated data, corrupt headers, bad modes
         raise Rejected(f"{type(e).__name__}: {e}") from e
+
+
+EXIF_ORIENTATION = 0x0112
+SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
+
+
+def to_rgb(im: Image.Image) -> Image.Image:
+    """8-bit RGB. 16-bit images (16-bit PNG/TIFF: modes I;16 and I) are scaled from 0..65535 to
+    0..255 (``convert`` would clip them to near white); CMYK, L, P, RGBA ... convert as usual."""
+    if im.mode in SIXTEEN_BIT_MODES:
+        wide = np.clip(np.asarray(im).astype(np.int64), 0, 65535)
+        im = Image.fromarray(((wide * 255 + 32767) // 65535).astype(np.uint8), "L")
+    return im if im.mode == "RGB" else im.convert("RGB")
 
 
 def _load_or_reason(path: str, size: int, max_pixels: int, use_draft: bool) -> np.ndarray | str:
@@ -127,7 +141,7 @@ class ResizeStage(ShardedStage):
     """Stage 2 on a finished listing: every listed image as an S x S square in ``<split>.h5``."""
 
     name = "resize"
-    version = 1  # bump when the stored pixels or layout change
+    version = 2  # bump when the stored pixels or layout change (2: EXIF orientation, 16-bit scaled)
     listing: str = upstream()
     config: ResizeConfig = ResizeConfig()
     cores: int | None = runtime()

@@ -28,7 +28,7 @@ from storage.report import Reporter
 from storage.stage import StageDir, StageSpec, open_stage, upstream
 from storage.vector_index import unit_rows
 from storage.wordvec import check_vector_path, load_vectors, lowercase_vocabulary, write_glove_word2vec
-from storage.words import WORD_SPLIT
+from storage.words import WORD_SPLIT, VectorTable
 
 log = logging.getLogger(__name__)
 
@@ -82,7 +82,7 @@ class EmbeddingStage(StageSpec):
     (a word-vector file, or a finished GloVe stage) and a finished WordNet stage."""
 
     name = "embeddings"
-    version = 1
+    version = 2  # 2: the tables as .npy + .json, not gensim pickles
     vectors: str
     wordnet: str = upstream()
     max_words: int = DEFAULT_MAX_WORDS
@@ -117,12 +117,9 @@ class EmbeddingStage(StageSpec):
         missing_1k = sorted(in_1k - {r.split("\t", 1)[0] for r in rows})
         if missing_1k:
             raise ValueError(f"{len(missing_1k)} ImageNet-1k wnids are not WordNet 3.0 nouns, e.g. {missing_1k[:3]}")
-        table = KeyedVectors(vector_size=words.vector_size)
-        table.add_vectors(keys, unit_rows(np.stack(vecs)))
-        # gensim writes big arrays beside the file (<name>.vectors.npy, memory-mappable), named after
-        # it, so these are saved under their final names: the manifest, written last, marks completion
-        table.save(str(out / "word_table.kv"))
-        words.save(str(out / "words.kv"))
+        # plain arrays + JSON keys: loading a table never unpickles anything (gensim's own format does)
+        VectorTable.of(keys, unit_rows(np.stack(vecs))).save(out / "word_table")
+        VectorTable.of(words.index_to_key, words.vectors).save(out / "words")
         atomic_write_text(out / "synsets.tsv", "wnid\trule\tlemma\tlemmas\timagenet_1k\n" + "\n".join(rows) + "\n")
         matched = set(keys)
         unmatched_1k = [w for w in imagenet if w not in matched]

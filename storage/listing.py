@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -25,6 +25,8 @@ class Listing:
     classes: list[str]  # sorted wnids
     splits: dict[str, SplitListing]
     skipped: int  # entries that are not image files (other suffixes, stray files, links to dirs)
+    empty: dict[str, list[str]] = field(default_factory=dict)  # split -> class folders without an image file
+    unsafe: list[str] = field(default_factory=list)  # entries skipped: names a TSV cannot hold (their repr)
 
 
 def write_listing(listing: Listing, out_dir: Path) -> None:

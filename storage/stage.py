@@ -13,13 +13,20 @@ directory and builds it, so a build can never land under another parameter set's
 from __future__ import annotations
 
 import dataclasses
+import errno
+import fcntl
 import hashlib
 import json
 import logging
+import os
 import re
 import shutil
+import socket
+import sys
+import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
@@ -36,6 +43,21 @@ _STAGE_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]*$")
 
 class StageIncomplete(RuntimeError):
     """A stage directory has no manifest: its stage never finished."""
+
+
+class StageBusy(RuntimeError):
+    """Another process holds the stage's lock (raised instead of waiting, when asked not to wait)."""
+
+
+class DiskFull(OSError):
+    """A stage ran out of space (or quota) on its tier: says which stage, where, and how much is free."""
+
+
+# stage locks this process holds: path -> (open lock file, depth). flock locks belong to an open
+# file, so a second open() of the same lock file in this process would wait for itself.
+_held: dict[Path, list] = {}
+_held_guard = threading.Lock()
+LOCK_POLL_S = 0.5
 
 
 def stage_key(params: Mapping[str, Any]) -> str:
@@ -67,14 +89,83 @@ class StageDir:
             )
         return json.loads(self.manifest_path.read_text())
 
+    @property
+    def lock_path(self) -> Path:
+        # <tier>/.locks/<stage>-<key>.lock: not in the stage directory (a clean rebuild removes it),
+        # nor beside it (a listing of the stage's runs would find it)
+        return self.path.parent.parent / ".locks" / f"{self.stage}-{self.key}.lock"
+
+    @contextmanager
+    def lock(self, *, wait: bool = True) -> Iterator[None]:
+        """Hold the stage's lock: an OS file lock (``flock``), so it dies with its process and a
+        kill -9 never leaves it stale. Re-entrant within a process. Another process holding it
+        makes this wait (logging who holds it) or, with ``wait=False``, raise ``StageBusy``."""
+        path = self.lock_path
+        with _held_guard:
+            if path in _held:
+                _held[path][1] += 1
+                held = True
+            else:
+                held = False
+        if held:
+            try:
+                yield
+            finally:
+                with _held_guard:
+                    _held[path][1] -= 1
+            return
+        path.parent.mkdir(parents=True, exist_ok=True)
+        f = open(path, "a+")
+        try:
+            logged = False
+            while True:
+                try:
+                    fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    holder = _holder(path)
+                    if not wait:
+                        raise StageBusy(f"stage {self.stage!r} at {self.path} is being built by {holder}; "
+                                        "rerun later, or without --no-wait to wait for it") from None
+                    if not logged:
+                        log.info("%s: waiting for %s, which is building %s", self.stage, holder, self.path)
+                        logged = True
+                    time.sleep(LOCK_POLL_S)
+            f.seek(0)
+            f.truncate()
+            f.write(json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
+                                "since": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "command": " ".join(sys.argv)[:300]}))
+            f.flush()
+            with _held_guard:
+                _held[path] = [f, 1]
+            try:
+                yield
+            finally:
+                with _held_guard:
+                    del _held[path]
+                f.truncate(0)
+                fcntl.flock(f, fcntl.LOCK_UN)
+        finally:
+            f.close()
+
+    @property
+    def locked_here(self) -> bool:
+        """True when this process holds the stage's lock."""
+        with _held_guard:
+            return self.lock_path in _held
+
     def prepare(self, *, clean: bool = False) -> Path:
-        """Create the directory before any worker writes into it.
+        """Create the directory before any worker writes into it; the caller holds the stage's lock.
 
         Removes the temporary files a killed writer left (``.tmp-*``, see storage.atomic); with
-        ``clean``, removes everything an interrupted run left (for stages redone as a whole).
+        ``clean``, removes everything an interrupted run left (for stages redone as a whole). Only
+        the lock holder may do this: another live run's temporary files are its work in progress.
         """
         if self.is_complete:
             raise RuntimeError(f"stage {self.stage!r} at {self.path} is complete; refusing to modify it")
+        if not self.locked_here:
+            raise RuntimeError(f"stage {self.stage!r} at {self.path}: prepare() needs the stage's lock "
+                               "(with stage.lock(): ...)")
         if clean and self.path.exists():
             shutil.rmtree(self.path)
         self.path.mkdir(parents=True, exist_ok=True)
@@ -93,6 +184,25 @@ class StageDir:
         }
         atomic_write_json(self.manifest_path, manifest)
         return manifest
+
+
+def _holder(lock_path: Path) -> str:
+    """Who holds a stage lock, as its holder wrote it (best effort: it may be mid-write)."""
+    try:
+        info = json.loads(lock_path.read_text() or "{}")
+    except (OSError, ValueError):
+        info = {}
+    if not info:
+        return "another process"
+    return f"pid {info.get('pid')} on {info.get('host')} since {info.get('since')} ({info.get('command')})"
+
+
+def disk_full(stage: str, path: Path, error: OSError) -> DiskFull:
+    """One line for a full disk: the stage, the path and the free space left."""
+    probe = next((p for p in (path, *path.parents) if p.exists()), Path("/"))
+    free = shutil.disk_usage(probe).free
+    return DiskFull(error.errno, f"stage {stage!r}: no space left writing under {path} "
+                                 f"({free / 2**20:.1f} MiB free on that disk): {error.strerror}")
 
 
 def stage_dir(tiers: Tiers, tier: str, stage: str, params: Mapping[str, Any]) -> StageDir:
@@ -176,19 +286,28 @@ Build = Callable[[Path, Reporter], Mapping[str, Any]]
 
 
 def run_stage(tiers: Tiers, spec: StageSpec, report: Reporter | None = None, *,
-              build: Build | None = None) -> StageDir:
-    """The stage lifecycle, the only copy: a finished stage is left alone; otherwise prepare its
-    directory, build it (``spec.build``, or ``build``: the last step of a stage whose earlier
-    steps ran elsewhere, e.g. the join of a sharded stage), and write the manifest last."""
+              build: Build | None = None, wait: bool = True) -> StageDir:
+    """The stage lifecycle, the only copy: a finished stage is left alone; otherwise take its lock
+    (``wait``: for another run building it, else ``StageBusy``), prepare its directory, build it
+    (``spec.build``, or ``build``: the last step of a stage whose earlier steps ran elsewhere, e.g.
+    the join of a sharded stage), and write the manifest last. A full disk ends in ``DiskFull``."""
     report = report or Reporter()
     stage = spec.stage_dir(tiers)
     if stage.is_complete:
         log.info("%s: %s is complete; nothing to do", spec.name, stage.path)
     else:
-        stage.prepare(clean=spec.clean)
-        start = time.perf_counter()
-        facts = (build or spec.build)(stage.path, report)
-        stage.complete(**facts)
-        log.info("%s: built %s in %.1f s", spec.name, stage.path, time.perf_counter() - start)
+        with stage.lock(wait=wait):
+            if stage.is_complete:  # another run finished it while this one waited
+                log.info("%s: %s was completed by another run", spec.name, stage.path)
+            else:
+                stage.prepare(clean=spec.clean)
+                start = time.perf_counter()
+                try:
+                    stage.complete(**(build or spec.build)(stage.path, report))
+                except OSError as e:
+                    if e.errno in (errno.ENOSPC, errno.EDQUOT) and not isinstance(e, DiskFull):
+                        raise disk_full(spec.name, stage.path, e) from e
+                    raise
+                log.info("%s: built %s in %.1f s", spec.name, stage.path, time.perf_counter() - start)
     spec.summarize(stage, report)
     return stage

@@ -1,23 +1,71 @@
 """The word table a finished embeddings stage wrote: nearest words to vectors, vectors for text.
 
-Files (fast tier): ``word_table.kv`` (a unit vector per matched WordNet noun synset, by wnid),
-``words.kv`` (the lower-cased vocabulary), ``synsets.tsv`` (how each synset matched),
-``imagenet-1k.txt`` (the 1k classes in their standard order). All memory-mapped.
+Files (fast tier), each a plain array (``.npy``, memory-mapped, never a pickle) and its keys
+(``.json``): ``word_table`` (a unit vector per matched WordNet noun synset, by wnid) and ``words``
+(the lower-cased vocabulary); ``synsets.tsv`` (how each synset matched) and ``imagenet-1k.txt``
+(the 1k classes in their standard order).
 """
 
 from __future__ import annotations
 
+import json
 import re
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
-from gensim.models import KeyedVectors
 
+from storage.atomic import atomic_path, atomic_write_text
 from storage.stage import open_stage
 from storage.vector_index import brute_force, unit_rows
 
 VOCABULARIES = ("imagenet", "wordnet")
 WORD_SPLIT = re.compile(r"[_\s\-]+")  # lemma and phrase separators: "golden_retriever", "jumbo jet", "x-ray"
+
+
+class VectorTable:
+    """Keys and their vectors: ``<stem>.npy`` (N, d) float32 and ``<stem>.json`` (the N keys, in row order)."""
+
+    def __init__(self, keys: list[str], vectors: np.ndarray):
+        if len(keys) != len(vectors):
+            raise ValueError(f"{len(keys)} keys but {len(vectors)} vectors")
+        self.index_to_key, self.vectors = keys, vectors
+        self.key_to_index = {k: i for i, k in enumerate(keys)}
+
+    @property
+    def vector_size(self) -> int:
+        return int(self.vectors.shape[1])
+
+    def __len__(self) -> int:
+        return len(self.index_to_key)
+
+    def __getitem__(self, key: str) -> np.ndarray:
+        return self.vectors[self.key_to_index[key]]
+
+    def save(self, stem: Path) -> None:
+        """Both files, each written atomically (the stage's manifest, written last, names them done)."""
+        with atomic_path(stem.with_suffix(".npy")) as tmp, open(tmp, "wb") as f:
+            np.save(f, np.ascontiguousarray(self.vectors, dtype=np.float32))
+        atomic_write_text(stem.with_suffix(".json"), json.dumps(self.index_to_key, ensure_ascii=False))
+
+    @classmethod
+    def load(cls, stem: Path) -> VectorTable:
+        """Memory-mapped; a file that is not a plain array (e.g. a pickled object array) is refused."""
+        try:
+            vectors = np.load(stem.with_suffix(".npy"), mmap_mode="r", allow_pickle=False)
+        except ValueError as e:
+            raise ValueError(f"{stem.with_suffix('.npy')} is not a plain array of numbers ({e}); "
+                             "refusing to load it") from None
+        if vectors.ndim != 2 or vectors.dtype.kind != "f":
+            raise ValueError(f"{stem.with_suffix('.npy')} holds {vectors.dtype} {vectors.shape}; expected (N, d) floats")
+        keys = json.loads(stem.with_suffix(".json").read_text())
+        if not isinstance(keys, list) or not all(isinstance(k, str) for k in keys):
+            raise ValueError(f"{stem.with_suffix('.json')} must be a JSON list of strings")
+        return cls(keys, vectors)
+
+    @classmethod
+    def of(cls, keys: Sequence[str], vectors: np.ndarray) -> VectorTable:
+        return cls(list(keys), np.asarray(vectors, dtype=np.float32))
 
 
 class WordTable:
@@ -26,8 +74,8 @@ class WordTable:
     def __init__(self, stage_path: Path | str):
         self.path = Path(stage_path)
         self.manifest = open_stage(self.path).manifest()
-        table = KeyedVectors.load(str(self.path / "word_table.kv"), mmap="r")
-        self.words = KeyedVectors.load(str(self.path / "words.kv"), mmap="r")
+        table = VectorTable.load(self.path / "word_table")
+        self.words = VectorTable.load(self.path / "words")
         self.names = {}
         for line in (self.path / "synsets.tsv").read_text().splitlines()[1:]:
             key, _, _, lemmas, _ = line.split("\t")

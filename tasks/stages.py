@@ -10,6 +10,7 @@ directory was deleted by hand fails downstream with a message that says to --ref
 
 from __future__ import annotations
 
+import errno
 from typing import Any
 
 from prefect import Task, task
@@ -18,12 +19,28 @@ from prefect.utilities.hashing import hash_objects
 
 from prep.listing import fingerprint_dataset
 from prep.shards import Shard, ShardedStage
-from storage.stage import StageSpec, run_stage
+from storage.stage import StageBusy, StageIncomplete, StageSpec, run_stage
 from storage.tiers import Tiers
 from tasks.artifacts import ArtifactReporter
 from tasks.logs import route_stage_logs
 
 SHARD_RETRIES = 2  # a shard is redone from scratch (its file appears only when whole): always safe
+# errors a second try cannot mend: full disk or quota, permissions, a read-only disk
+FINAL_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS}
+# bad parameters or inputs, a missing upstream, a busy stage, memory: retrying repeats the failure
+FINAL_ERRORS = (ValueError, TypeError, KeyError, FileNotFoundError, NotADirectoryError, StageIncomplete, StageBusy,
+                MemoryError)
+
+
+def retry_helps(task: Any, task_run: Any, state: Any) -> bool:
+    """Prefect's ``retry_condition_fn``: retry only what a second try can mend (a crashed worker, a
+    flaky network disk). Never a full disk, a permission error, bad parameters or CUDA out of memory."""
+    error = state.data if isinstance(state.data, BaseException) else None
+    if isinstance(error, OSError) and error.errno in FINAL_ERRNOS:
+        return False
+    if isinstance(error, FINAL_ERRORS) or type(error).__name__ == "OutOfMemoryError":  # torch.OutOfMemoryError
+        return False
+    return True
 
 
 def _cache_key(_context: Any, inputs: dict[str, Any]) -> str | None:
@@ -40,6 +57,7 @@ def cache_options(tiers: Tiers, refresh: bool = False) -> dict[str, Any]:
     return {
         "cache_policy": CacheKeyFnPolicy(cache_key_fn=_cache_key).configure(key_storage=tiers.prefect_cache_keys),
         "result_storage": tiers.prefect_results,  # a pathlib.Path: Prefect stores results as local files
+        "result_serializer": "json",  # results are paths and counts: never a pickle to load back
         "persist_result": True,
         "refresh_cache": refresh,
     }
@@ -56,22 +74,23 @@ def _run_name(task_name: str):
     return name
 
 
-@task(task_run_name=_run_name("{stage}"))
-def _stage(spec: StageSpec, tiers: Tiers) -> str:
+@task(task_run_name=_run_name("{stage}"), retry_condition_fn=retry_helps)
+def _stage(spec: StageSpec, tiers: Tiers, wait: bool = True) -> str:
     route_stage_logs()
-    return str(run_stage(tiers, spec, ArtifactReporter()).path)
+    return str(run_stage(tiers, spec, ArtifactReporter(), wait=wait).path)
 
 
 @task(task_run_name=_run_name("plan-{stage}"))
 def _plan(spec: ShardedStage, tiers: Tiers) -> list[Shard]:
-    """The shards still to write (none when the stage is complete); creates the stage directory."""
+    """The shards still to write (none when the stage is complete); creates the stage directory.
+    The caller holds the stage's lock from here to the join (flows/shards.py)."""
     stage = spec.stage_dir(tiers)
     if stage.is_complete:
         return []
     return spec.plan(stage.prepare())
 
 
-@task(task_run_name=_run_name("{stage}-shard"))
+@task(task_run_name=_run_name("{stage}-shard"), retry_condition_fn=retry_helps)
 def _shard(spec: ShardedStage, tiers: Tiers, shard: Shard, workers: int | None = None) -> dict[str, Any]:
     route_stage_logs()
     return spec.build_shard(shard, workers=workers)
@@ -84,7 +103,7 @@ def _join(spec: ShardedStage, tiers: Tiers, shards: list[Shard]) -> str:
 
 
 def stage_task(spec: StageSpec, tiers: Tiers, *, refresh: bool = False) -> Task:
-    """The task that runs ``spec`` whole (call it with ``(spec, tiers)``); returns the stage directory."""
+    """The task that runs ``spec`` whole (call it with ``(spec, tiers, wait)``); returns the stage directory."""
     return _stage.with_options(name=spec.name, retries=spec.retries, retry_delay_seconds=5,
                                **cache_options(tiers, refresh))
 
@@ -109,6 +128,7 @@ def join_task(spec: ShardedStage, tiers: Tiers, *, refresh: bool = False) -> Tas
 fingerprint_task = task(name="fingerprint-dataset")(fingerprint_dataset)  # uncached: it tells a changed folder
 
 
-def stage(spec: StageSpec, tiers: Tiers, *, refresh: bool = False) -> str:
-    """Run ``spec`` as its Prefect task (inside a flow); returns the stage directory."""
-    return stage_task(spec, tiers, refresh=refresh)(spec, tiers)
+def stage(spec: StageSpec, tiers: Tiers, *, refresh: bool = False, wait: bool = True) -> str:
+    """Run ``spec`` as its Prefect task (inside a flow); returns the stage directory. ``wait``: for
+    another run building the same stage (else the task fails with ``StageBusy``)."""
+    return stage_task(spec, tiers, refresh=refresh)(spec, tiers, wait)

@@ -18,3 +18,10 @@ def run_resize(tiers: Tiers, listing: StageDir | Path, **config) -> StageDir:
     cores = config.pop("cores", None)
     return run_stage(tiers, ResizeStage(listing=str(getattr(listing, "path", listing)), config=ResizeConfig(**config),
                                         cores=cores))
+
+
+def prepared(spec, tiers: Tiers) -> Path:
+    """The stage directory of ``spec``, created (and cleaned of temporaries) as a run would, under its lock."""
+    stage = spec.stage_dir(tiers)
+    with stage.lock():
+        return stage.prepare()

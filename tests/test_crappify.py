@@ -6,6 +6,7 @@ import pytest
 
 from prep.crappify import CRAPPIFIERS, CrappifyConfig, CrappifyStage, JpegText, image_rng, make_crappifier
 from storage.stage import run_stage
+from tests.helpers import prepared
 
 
 @pytest.fixture(scope="module")
@@ -109,7 +110,7 @@ def test_a_shard_uses_the_worker_threads_it_is_given_and_writes_the_same_bytes(r
 
     monkeypatch.setattr(prep.crappify, "make_crappifier", recording)
     spec = CrappifyStage(source=str(resized(64, shard_images=10).path), config=CrappifyConfig(size=16))
-    (shard,) = [s for s in spec.plan(spec.stage_dir(tiers).prepare()) if s.split == "val"]
+    (shard,) = [s for s in spec.plan(prepared(spec, tiers)) if s.split == "val"]
     spec.build_shard(shard, workers=1)
     one = h5py.File(shard.path)["images"][()]
     assert len(threads) == 1

@@ -8,6 +8,7 @@ import pytest
 
 from prep.resize import ResizeConfig, ResizeStage
 from storage.stage import run_stage
+from tests.helpers import prepared
 
 
 @pytest.mark.slow
@@ -17,7 +18,7 @@ def test_resize_shards_run_on_dask_workers_and_match_a_local_run(prefect_server,
     from flows.shards import run_shards
 
     spec = ResizeStage(listing=str(sample_listing.path), config=ResizeConfig(size=24, shard_images=6))
-    shards = spec.plan(spec.stage_dir(tiers).prepare())
+    shards = spec.plan(prepared(spec, tiers))
     with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as cluster:
         results = run_shards(spec, tiers, shards, dask_address=cluster.scheduler_address)
     workers = {r["worker"] for r in results}

@@ -7,6 +7,7 @@ from prep.listing import ListingStage, fingerprint_dataset, list_dataset, shuffl
 from prep.sample import SAMPLE_PHOTOS
 from storage.listing import read_classes, read_split
 from storage.stage import run_stage
+from tests.helpers import prepared
 
 N_CLASSES = len(SAMPLE_PHOTOS)
 
@@ -71,11 +72,14 @@ def test_fingerprint_changes_when_a_file_is_added_and_only_then(own_sample):
 
 
 def test_missing_root_error_names_the_expected_layout(tmp_path):
-    with pytest.raises(FileNotFoundError, match=r"is not a directory; expected .*/train/<wnid>/\*\.JPEG"):
+    with pytest.raises(FileNotFoundError, match=r"nope' does not exist; expected .*/train/<wnid>/\*\.JPEG"):
         list_dataset(tmp_path / "nope")
     (tmp_path / "empty").mkdir()
-    with pytest.raises(FileNotFoundError, match="no 'train' or 'val' folder under"):
+    with pytest.raises(FileNotFoundError, match=r"empty' has no train/ folder; expected .*/train/<wnid>/\*\.JPEG"):
         fingerprint_dataset(tmp_path / "empty")
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(NotADirectoryError, match="file' is not a folder"):
+        list_dataset(tmp_path / "file")
 
 
 def test_written_listing_reads_back_in_shuffled_order(sample_root, tiers):
@@ -95,7 +99,7 @@ def test_written_listing_reads_back_in_shuffled_order(sample_root, tiers):
 def test_interrupted_listing_is_redone(sample_root, tiers):
     spec = ListingStage(root=str(sample_root), fingerprint="f", seed=0)
     stage = spec.stage_dir(tiers)
-    stage.prepare()
+    prepared(spec, tiers)
     (stage.path / "train.tsv").write_text("garbage from a killed run\n")
     run_stage(tiers, spec)
     assert stage.is_complete

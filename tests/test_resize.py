@@ -18,7 +18,7 @@ from storage.catalog import read_rejects
 from storage.listing import read_split
 from storage.stage import run_stage
 from storage.tiers import Tiers
-from tests.helpers import run_listing, run_resize
+from tests.helpers import prepared, run_listing, run_resize
 
 
 def _jpeg(path: Path, array: np.ndarray, quality: int = 95) -> Path:
@@ -180,7 +180,7 @@ def test_local_parallelism_uses_a_process_per_shard_and_threads_for_a_lone_shard
 @pytest.mark.slow
 def test_several_shards_run_in_separate_processes(sample_listing, tiers):
     spec = ResizeStage(listing=str(sample_listing.path), config=ResizeConfig(size=16, shard_images=10))
-    shards = [s for s in spec.plan(spec.stage_dir(tiers).prepare()) if s.split == "train"]
+    shards = [s for s in spec.plan(prepared(spec, tiers)) if s.split == "train"]
     results = map_shards(spec.build_shard, shards, cores=2)
     workers = {r["worker"] for r in results}
     assert len(workers) == 2 and not any(w.endswith(f":{os.getpid()}") for w in workers)
@@ -203,7 +203,7 @@ def test_a_damaged_shard_is_found_and_rewritten_on_resume(sample_listing, tiers,
     from storage.hdf5 import verify_shard
 
     spec = ResizeStage(listing=str(sample_listing.path), config=ResizeConfig(size=32, shard_images=10))
-    specs = spec.plan(spec.stage_dir(tiers).prepare())
+    specs = spec.plan(prepared(spec, tiers))
     map_shards(spec.build_shard, specs, cores=1)
     shards = [Path(s.path) for s in specs]
     assert all(verify_shard(p) is None for p in shards)
@@ -246,7 +246,7 @@ def test_a_failing_shard_shuts_its_thread_pool_down_and_leaves_no_file(sample_li
 
     monkeypatch.setattr(prep.resize, "_load_or_reason", failing)
     spec = ResizeStage(listing=str(sample_listing.path), config=ResizeConfig(size=16))
-    shard = spec.plan(spec.stage_dir(tiers).prepare())[0]
+    shard = spec.plan(prepared(spec, tiers))[0]
     before = pool_threads()
     with pytest.raises(MemoryError, match="simulated failure"):
         spec.build_shard(shard, workers=2)

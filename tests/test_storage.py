@@ -47,7 +47,8 @@ def test_stage_dir_lives_under_tier_stage_and_key(tiers):
 
 def test_stage_counts_as_done_only_once_its_manifest_is_written(tiers):
     stage = stage_dir(tiers, "fast", "demo", {"n": 1})
-    stage.prepare()
+    with stage.lock():
+        stage.prepare()
     (stage.path / "data.txt").write_text("payload")
     assert not stage.is_complete
     with pytest.raises(StageIncomplete, match="never finished"):
@@ -60,9 +61,10 @@ def test_stage_counts_as_done_only_once_its_manifest_is_written(tiers):
 
 def test_prepare_refuses_to_touch_a_finished_stage(tiers):
     stage = stage_dir(tiers, "fast", "demo", {})
-    stage.prepare()
+    with stage.lock():
+        stage.prepare()
     stage.complete()
-    with pytest.raises(RuntimeError, match="is complete; refusing to modify it"):
+    with pytest.raises(RuntimeError, match="is complete; refusing to modify it"), stage.lock():
         stage.prepare(clean=True)
 
 
@@ -71,15 +73,18 @@ def test_prepare_removes_temp_files_of_killed_writers_but_keeps_finished_files(t
     (stage.path / "shards").mkdir(parents=True)
     (stage.path / "shards" / "a.h5").write_bytes(b"done")
     (stage.path / "shards" / ".tmp-b.h5.x1y2").write_bytes(b"half")
-    stage.prepare()
+    with stage.lock():
+        stage.prepare()
     assert [p.name for p in (stage.path / "shards").iterdir()] == ["a.h5"]
 
 
 def test_prepare_clean_removes_what_an_interrupted_run_left(tiers):
     stage = stage_dir(tiers, "fast", "demo", {})
-    stage.prepare()
+    with stage.lock():
+        stage.prepare()
     (stage.path / "partial.bin").write_bytes(b"half")
-    stage.prepare(clean=True)
+    with stage.lock():
+        stage.prepare(clean=True)
     assert list(stage.path.iterdir()) == []
 
 
@@ -115,3 +120,12 @@ def test_atomic_write_replaces_content_whole(tmp_path):
     atomic_write_text(target, "second")
     assert target.read_text() == "second"
     assert oct(target.stat().st_mode & 0o777) == oct(0o644)
+
+
+def test_prepare_needs_the_stage_lock(tiers):
+    stage = stage_dir(tiers, "fast", "demo", {})
+    with pytest.raises(RuntimeError, match=r"prepare\(\) needs the stage's lock"):
+        stage.prepare()
+    with stage.lock(), stage.lock():  # re-entrant within a process
+        assert stage.locked_here and stage.prepare() == stage.path
+    assert not stage.locked_here

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 
-from models.data import ChunkShuffleStream, to_unit
+from models.data import make_loader, to_unit
 from models.losses import FeatureLoss, pixel_mse
 from models.metrics import psnr, ssim
 from models.schedule import Phase, PhaseSchedule, one_cycle
@@ -53,6 +53,7 @@ class SuperResConfig:
     pretrained: bool = True
     seed: int = 0
     weight_decay: float = 1e-3
+    num_workers: int = 2  # loader processes reading the store pairs
 
     def __post_init__(self) -> None:
         if self.loss not in LOSSES:
@@ -127,25 +128,26 @@ def train_superres(pairs: Pair | Mapping[int, Pair], config: SuperResConfig, che
         if config.arch != "unet":  # one parameter group: drop per-phase group scales meant for the U-Net
             phases = tuple(replace(p, group_scales=None) for p in phases)
         leg_size, (low, high) = _pair_for(pairs, size)
-        stream = ChunkShuffleStream(low, batch_size or config.batch_size, target_store=high, seed=config.seed,
-                                    drop_last=True)
-        if len(stream) < 1:
-            raise ValueError(f"{stream.n} training pairs in {low} are fewer than one batch of {stream.batch_size}")
+        loader = make_loader(low, batch_size or config.batch_size, num_workers=config.num_workers, target_store=high,
+                             seed=config.seed, drop_last=True)
+        if len(loader) < 1:
+            raise ValueError(f"{loader.dataset.n} training pairs in {low} are fewer than one batch of "
+                             f"{loader.dataset.batch_size}")
         leg_dir = Path(checkpoint_dir) / f"leg-{i}-{size or 'store'}"
         leg_config = replace(tconfig, checkpoint_dir=leg_dir,
                              tensorboard_dir=leg_dir / "tensorboard" if tensorboard else None)
         offset = len(history)
 
-        def batches(epoch: int, phase: Phase, stream=stream):
-            stream.set_epoch(epoch)
-            for lo, hi in stream:
-                yield to_unit(lo, "cpu"), to_unit(hi, "cpu")
+        def batches(epoch: int, phase: Phase, loader=loader):
+            loader.dataset.set_epoch(epoch)
+            for lo, hi in loader:
+                yield to_unit(lo, tconfig.device), to_unit(hi, tconfig.device)
 
         def tagged(record: dict[str, Any], offset=offset, leg=i, leg_size=leg_size) -> dict[str, Any]:
             return {**record, "epoch": offset + record["epoch"], "leg": leg, "size": leg_size}
 
         history += [tagged(r) for r in train(
-            model, optimizer, PhaseSchedule(phases, len(stream)), batches, loss_fn, leg_config,
+            model, optimizer, PhaseSchedule(phases, len(loader)), batches, loss_fn, leg_config,
             on_epoch=(lambda r, tagged=tagged: on_epoch(tagged(r))) if on_epoch else None)]
     export_generator(model.cpu(), config.arch, scale, Path(checkpoint_dir) / MODEL_FILE)
     return model, history

@@ -20,7 +20,7 @@ KS = (1, 2, 5, 10, 20)
 def _hits(queries: np.ndarray, matrix: np.ndarray, truth: np.ndarray, *, batch: int = 1024) -> dict[int, float]:
     """hit@k of cosine search over ``matrix`` rows, in query batches (50k x 82k scores do not fit at once)."""
     totals = dict.fromkeys(KS, 0.0)
-    m = torch.from_numpy(np.ascontiguousarray(matrix, dtype=np.float32))
+    m = torch.from_numpy(np.array(matrix, dtype=np.float32))  # a copy: the table is a read-only memory map
     for a in range(0, len(queries), batch):
         q = torch.from_numpy(unit_rows(queries[a:a + batch]))
         for k, v in hit_at_k(q @ m.T, torch.from_numpy(truth[a:a + batch]), KS).items():

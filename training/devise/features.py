@@ -14,7 +14,7 @@ import torch
 
 from models.blocks import ConcatPool
 from models.data import store_batches
-from models.devise import make_body
+from models.devise import classification_backbones, make_body
 from models.train import autocast, default_device, save_checkpoint, seed_everything
 from storage.atomic import atomic_path
 from storage.catalog import image_stores
@@ -35,6 +35,13 @@ class FeaturesConfig:
     flips: bool = True  # also the features of each image flipped left-right (training picks one per step)
     batch_size: int = 64
     seed: int = 0  # a from-scratch body's initial weights
+
+    def __post_init__(self) -> None:
+        if self.backbone not in classification_backbones():
+            raise ValueError(f"unknown backbone {self.backbone!r}; choose a torchvision classification model, "
+                             "e.g. resnet18, resnet50, convnext_tiny, efficientnet_b0")
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
 
 
 def compute_features(body: torch.nn.Module, channels: int, store: Path, out: Path, *, flips: bool,

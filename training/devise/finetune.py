@@ -37,6 +37,12 @@ class FinetuneConfig:
     num_workers: int = 2
     seed: int = 0
 
+    def __post_init__(self) -> None:
+        if self.epochs < 2:
+            raise ValueError(f"fine-tuning runs a 1cycle: at least 2 epochs, got {self.epochs}")
+        if self.batch_size < 2:
+            raise ValueError(f"batch_size must be >= 2 (the head has BatchNorm), got {self.batch_size}")
+
 
 @torch.no_grad()
 def embed_store(model: Devise, store: Path, *, batch_size: int = 64,
