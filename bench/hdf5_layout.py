@@ -21,9 +21,9 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from storage.hdf5 import ShardWriter, join_shards
 from prep.resize import load_square
 from prep.sample import build_sample
+from storage.hdf5 import ShardWriter, join_shards
 
 
 def _evict(path: Path) -> None:

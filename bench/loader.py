@@ -22,11 +22,11 @@ from torch.utils.data import DataLoader
 from torchvision import datasets, transforms
 
 from models.data import make_loader
-from storage.tiers import Tiers
 from prep.listing import ListingStage, fingerprint_dataset
 from prep.resize import ResizeConfig, ResizeStage
 from prep.sample import build_sample
 from storage.stage import run_stage
+from storage.tiers import Tiers
 
 
 def _epochs(loader, epochs: int, set_epoch=None) -> float:

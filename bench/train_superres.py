@@ -23,8 +23,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from trainbench import device_info, from_loader, resident, synthetic_store, timed_training  # noqa: E402
 
-from models.data import make_loader  # noqa: E402
-from models.data import to_unit  # noqa: E402
+from models.data import (
+    make_loader,  # noqa: E402
+    to_unit,  # noqa: E402
+)
 from training.superres import SuperResConfig, make_trainer  # noqa: E402
 
 

@@ -20,7 +20,6 @@ from storage.wordvec import check_vector_path
 from tasks.logs import route_stage_logs
 from tasks.stages import fingerprint_task, stage
 
-
 # parameter bounds the flow checks before it runs (the Prefect UI shows them on its run form)
 Seed = Annotated[int, Field(ge=0)]
 ImageSide = Annotated[int, Field(ge=8, le=4096)]

@@ -25,6 +25,13 @@ class UsageError(Exception):
     """Bad input to a command: one line, exit code 2."""
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a bad argument is one line on stderr (exit 2), not the usage text and a line."""
+
+    def error(self, message: str):
+        self.exit(EXIT_USAGE, f"error: {self.prog}: {message} (see {self.prog} --help)\n")
+
+
 def _int_in(low: int, high: int | None = None):
     """An argparse type: an integer in [low, high]; the error names the value and the range."""
     def parse(text: str) -> int:
@@ -226,6 +233,11 @@ def _cmd_devise(args: argparse.Namespace) -> int:
     from training.devise.evaluate import format_hits
 
     _check_pipeline_args(args)
+    if args.finetune_epochs == 1:
+        raise UsageError("--finetune-epochs 1: fine-tuning runs a 1cycle, so use 0 (no fine-tuning) or at least 2")
+    bad = [w for w in args.zero_shot or () if not (len(w) == 9 and w[0] == "n" and w[1:].isdigit())]
+    if bad:
+        raise UsageError(f"--zero-shot {bad[0]!r} is not a WordNet noun id; expected n + 8 digits, e.g. n03790512")
     outputs = devise(source=args.source, size=args.size, backbone=args.backbone, pretrained=not args.no_pretrained,
                      epochs=args.epochs, batch_size=args.batch_size, finetune_epochs=args.finetune_epochs,
                      zero_shot=args.zero_shot, word_vectors=args.word_vectors, ann_above=args.ann_above,
@@ -243,7 +255,7 @@ def _cmd_search(args: argparse.Namespace) -> int:
     if args.text is not None and not args.text.strip():
         raise UsageError("--text is empty; give words to search for, e.g. --text \"jumbo jet\"")
     if args.image is not None:
-        _existing(args.image, "--image")
+        _read_image(args.image)  # a missing or unreadable file is named before the index loads
     search = DeviseSearch(_finished_stage(args.index, "devise-index", "--index"))
     if args.text is not None:
         hits = search.images_for_text(args.text, k=args.k)
@@ -309,9 +321,8 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="imagesmith", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser = _Parser(prog="imagesmith", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     p = sub.add_parser("doctor", help="report the imaging backend, versions, tiers and Prefect API")
     p.add_argument("--json", action="store_true", help="also print the imaging record as JSON")

@@ -33,7 +33,14 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from prep.imaging import imaging_backend
 from prep.shards import DEFAULT_SHARD_IMAGES, Shard, ShardedStage, worker_map
 from storage.catalog import read_rejects, write_rejects
-from storage.hdf5 import COMPRESSIONS, DEFAULT_CHUNK_IMAGES, ShardWriter, read_shard_summary, read_store_rejects, reusable_shard
+from storage.hdf5 import (
+    COMPRESSIONS,
+    DEFAULT_CHUNK_IMAGES,
+    ShardWriter,
+    read_shard_summary,
+    read_store_rejects,
+    reusable_shard,
+)
 from storage.listing import SplitListing, listed_splits, read_split
 from storage.report import Reporter
 from storage.stage import StageDir, open_stage, runtime, upstream

@@ -27,8 +27,8 @@ from storage.atomic import atomic_write_text
 from storage.report import Reporter
 from storage.stage import StageDir, StageSpec, open_stage, upstream
 from storage.vector_index import unit_rows
-from storage.wordvec import check_vector_path, load_vectors, lowercase_vocabulary, write_glove_word2vec
 from storage.words import WORD_SPLIT, VectorTable
+from storage.wordvec import check_vector_path, load_vectors, lowercase_vocabulary, write_glove_word2vec
 
 log = logging.getLogger(__name__)
 

@@ -124,9 +124,12 @@ class ShardWriter:
                 rej.create_dataset("paths", data=[r[1] for r in self._rejects], dtype=_STR)
                 rej.create_dataset("reasons", data=[r[2] for r in self._rejects], dtype=_STR)
                 f.attrs.update({"format": STORE_FORMAT, "size": self.size, "images_crc32": self._crc, **self.attrs})
-        finally:
             self._file.close()
-            self._tmp_ctx.__exit__(exc_type, exc, tb)
+        except BaseException as failed:  # finishing the file failed (a full disk...): it must not appear
+            self._file.close()
+            self._tmp_ctx.__exit__(type(failed), failed, failed.__traceback__)
+            raise
+        self._tmp_ctx.__exit__(exc_type, exc, tb)
 
     @property
     def counts(self) -> tuple[int, int]:
@@ -243,4 +246,7 @@ def open_store(path: Path | str, *, cache_bytes: int = 64 * 2**20) -> h5py.File:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no HDF5 image store at {path}")
-    return h5py.File(path, "r", rdcc_nbytes=cache_bytes)
+    try:
+        return h5py.File(path, "r", rdcc_nbytes=cache_bytes)
+    except OSError as e:  # h5py's message does not name the file
+        raise OSError(e.errno, f"{path} is not a readable HDF5 store: {e}") from None

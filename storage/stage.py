@@ -197,12 +197,21 @@ def _holder(lock_path: Path) -> str:
     return f"pid {info.get('pid')} on {info.get('host')} since {info.get('since')} ({info.get('command')})"
 
 
-def disk_full(stage: str, path: Path, error: OSError) -> DiskFull:
-    """One line for a full disk: the stage, the path and the free space left."""
-    probe = next((p for p in (path, *path.parents) if p.exists()), Path("/"))
-    free = shutil.disk_usage(probe).free
-    return DiskFull(error.errno, f"stage {stage!r}: no space left writing under {path} "
-                                 f"({free / 2**20:.1f} MiB free on that disk): {error.strerror}")
+@contextmanager
+def naming_full_disks(stage: str, path: Path) -> Iterator[None]:
+    """Turn a full disk (ENOSPC, EDQUOT) met inside into ``DiskFull``: one line with the stage, the
+    path and the free space left, which no retry will change."""
+    try:
+        yield
+    except DiskFull:
+        raise
+    except OSError as e:
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        probe = next((p for p in (path, *path.parents) if p.exists()), Path("/"))
+        free = shutil.disk_usage(probe).free
+        raise DiskFull(e.errno, f"stage {stage!r}: no space left writing under {path} "
+                                f"({free / 2**20:.1f} MiB free on that disk): {os.strerror(e.errno)}") from e
 
 
 def stage_dir(tiers: Tiers, tier: str, stage: str, params: Mapping[str, Any]) -> StageDir:
@@ -302,12 +311,8 @@ def run_stage(tiers: Tiers, spec: StageSpec, report: Reporter | None = None, *,
             else:
                 stage.prepare(clean=spec.clean)
                 start = time.perf_counter()
-                try:
+                with naming_full_disks(spec.name, stage.path):
                     stage.complete(**(build or spec.build)(stage.path, report))
-                except OSError as e:
-                    if e.errno in (errno.ENOSPC, errno.EDQUOT) and not isinstance(e, DiskFull):
-                        raise disk_full(spec.name, stage.path, e) from e
-                    raise
                 log.info("%s: built %s in %.1f s", spec.name, stage.path, time.perf_counter() - start)
     spec.summarize(stage, report)
     return stage

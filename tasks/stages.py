@@ -11,6 +11,7 @@ directory was deleted by hand fails downstream with a message that says to --ref
 from __future__ import annotations
 
 import errno
+from pathlib import Path
 from typing import Any
 
 from prefect import Task, task
@@ -19,7 +20,7 @@ from prefect.utilities.hashing import hash_objects
 
 from prep.listing import fingerprint_dataset
 from prep.shards import Shard, ShardedStage
-from storage.stage import StageBusy, StageIncomplete, StageSpec, run_stage
+from storage.stage import StageBusy, StageIncomplete, StageSpec, naming_full_disks, run_stage
 from storage.tiers import Tiers
 from tasks.artifacts import ArtifactReporter
 from tasks.logs import route_stage_logs
@@ -93,7 +94,8 @@ def _plan(spec: ShardedStage, tiers: Tiers) -> list[Shard]:
 @task(task_run_name=_run_name("{stage}-shard"), retry_condition_fn=retry_helps)
 def _shard(spec: ShardedStage, tiers: Tiers, shard: Shard, workers: int | None = None) -> dict[str, Any]:
     route_stage_logs()
-    return spec.build_shard(shard, workers=workers)
+    with naming_full_disks(spec.name, Path(shard.path).parent):
+        return spec.build_shard(shard, workers=workers)
 
 
 @task(task_run_name=_run_name("join-{stage}"))

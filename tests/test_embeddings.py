@@ -4,10 +4,10 @@ import numpy as np
 import pytest
 from gensim.models import KeyedVectors
 
+from prep.wordnet import WORDNET_NOUNS, imagenet_wnids, open_wordnet, wnid
+from prep.words import match_synset
 from storage.stage import open_stage
 from storage.wordvec import load_vectors, lowercase_vocabulary
-from prep.words import match_synset
-from prep.wordnet import WORDNET_NOUNS, imagenet_wnids, open_wordnet, wnid
 
 DOG = "n02084071"  # dog.n.01
 GOLDEN_RETRIEVER = "n02099601"
@@ -148,3 +148,19 @@ def test_imagenet_lists_come_from_the_files_timm_ships():
     assert lemmas["n02123045"] == "tabby, tabby cat" and len(lemmas) >= 21843
     with pytest.raises(ValueError, match=r"unknown ImageNet class list '22k'; choose one of \['1k', '21k'\]"):
         imagenet_wnids("22k")
+
+
+def test_a_word_table_that_is_a_pickle_is_refused(word_table, tmp_path, capsys):
+    """The table is plain arrays + JSON keys: a pickled object array in its place is not loaded."""
+    import shutil
+
+    from imagesmith.cli import main
+    from storage.words import WordTable
+
+    copy = tmp_path / "embeddings"
+    shutil.copytree(word_table.path, copy)
+    np.save(copy / "word_table.npy", np.array([{"payload": "anything"}], dtype=object), allow_pickle=True)
+    with pytest.raises(ValueError, match=r"word_table.npy is not a plain array of numbers .* refusing to load it"):
+        WordTable(copy)
+    assert main(["words", "dog", "--table", str(copy)]) == 2
+    assert "refusing to load it" in capsys.readouterr().err

@@ -9,8 +9,8 @@ from pathlib import Path
 import h5py
 import pytest
 
-from storage.stage import open_stage
 from storage.listing import read_split
+from storage.stage import open_stage
 
 
 def _task_states(flow_run_id):
@@ -75,8 +75,12 @@ def test_pipeline_runs_every_stage_then_a_rerun_is_cached(prefect_server, tier_e
                      "resize-shard": ["Completed"] * 4, "join-resize": ["Completed"],  # 3 train + 1 val shard
                      "plan-crappify": ["Completed"], "crappify-shard": ["Completed"] * 2,  # train + val
                      "join-crappify": ["Completed"]}
-    assert any((tier_env / "fast" / "prefect" / "results").iterdir())
-    assert any((tier_env / "fast" / "prefect" / "cache-keys").iterdir())
+    results = list((tier_env / "fast" / "prefect" / "results").iterdir())
+    records = list((tier_env / "fast" / "prefect" / "cache-keys").iterdir())
+    assert results and records
+    for path in results:  # persisted as JSON (paths and counts), never a pickle to load back
+        json.loads(path.read_text())
+    assert {json.loads(p.read_text())["serializer"]["type"] for p in records} == {"json"}
 
     rerun = pipeline(**params, return_state=True)
     assert rerun.result() == outputs
@@ -210,3 +214,16 @@ def test_devise_command_prints_the_hit_table_and_the_index(prefect_server, word_
     assert "hit@5" in out and "softmax" in out and "held-out classes (2)" in out and "search index:" in out
     index = out.split("search index:")[1].split()[0]
     assert main(["search", "--text", "palace", "-k", "1", "--index", index]) == 0
+
+
+def test_run_command_on_a_folder_of_ones_own_exits_0_and_prints_the_stages(prefect_server, word_tiers, sample_root,
+                                                                           monkeypatch, capsys):
+    from imagesmith.cli import main
+
+    monkeypatch.setenv("IMAGESMITH_FAST_DIR", str(word_tiers.fast))  # the word stages are done there
+    monkeypatch.setenv("IMAGESMITH_BULK_DIR", str(word_tiers.bulk))
+    assert main(["run", "--source", str(sample_root), "--size", "16"]) == 0
+    out = capsys.readouterr().out
+    assert f"dataset  {sample_root}  (your folder)" in out
+    for stage in ("listing", "resize", "words"):
+        assert f"  {stage:<8} {word_tiers.fast / ('embeddings' if stage == 'words' else stage)}" in out, out

@@ -112,3 +112,25 @@ def test_finished_listing_is_not_redone(sample_root, tiers):
     files = {p.name: (p.stat().st_ino, p.stat().st_mtime_ns) for p in stage.path.iterdir()}
     run_stage(tiers, spec)
     assert {p.name: (p.stat().st_ino, p.stat().st_mtime_ns) for p in stage.path.iterdir()} == files
+
+
+def test_empty_class_folders_are_reported_not_dropped_silently(own_sample, tiers):
+    (own_sample / "train" / "n99999999").mkdir()
+    (own_sample / "val" / "n88888888").mkdir()
+    listing = list_dataset(own_sample)
+    assert listing.empty == {"train": ["n99999999"], "val": ["n88888888"]}
+    assert "n99999999" not in listing.classes  # a folder without images is no class
+    stage = run_stage(tiers, ListingStage(root=str(own_sample), fingerprint=fingerprint_dataset(own_sample)))
+    assert stage.manifest()["empty_class_folders"] == {"train": ["n99999999"], "val": ["n88888888"]}
+
+
+def test_names_a_tsv_cannot_hold_are_skipped_and_reported(own_sample, tiers):
+    wnid = sorted(p.name for p in (own_sample / "train").iterdir())[0]
+    photo = next((own_sample / "train" / wnid).glob("*.JPEG"))
+    before = len(list_dataset(own_sample).splits["train"].paths)
+    for name in ("tab\there.JPEG", "new\nline.JPEG"):
+        shutil.copy(photo, own_sample / "train" / wnid / name)
+    stage = run_stage(tiers, ListingStage(root=str(own_sample), fingerprint=fingerprint_dataset(own_sample)))
+    assert len(read_split(stage.path, "train").paths) == before  # the TSV still reads back, row for row
+    assert sorted(stage.manifest()["skipped_unsafe_names"]) == sorted(
+        [repr(f"train/{wnid}/tab\there.JPEG"), repr(f"train/{wnid}/new\nline.JPEG")])

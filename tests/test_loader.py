@@ -102,3 +102,18 @@ def test_target_store_gives_aligned_pairs(store, tmp_path):
         assert y.dtype == torch.uint8 and y.shape[1:] == (4, 4, 3)
         assert torch.equal(x[:, 0, 0, 0], y[:, 0, 0, 0])  # row i pairs with row i
     assert sum(len(x) for x, _ in pairs) == N
+
+
+@pytest.mark.parametrize("drop_last", [True, False])
+def test_an_epoch_has_len_batches_with_any_number_of_workers(store, drop_last):
+    """Each worker batches only its own blocks; their leftover rows are batched together in the main
+    process, so a loop that expects len() batches gets them (at 11 a batch, the workers' own full
+    batches fall one short of the 8 that 90 rows make)."""
+    loader = make_loader(store, 11, num_workers=2, block_images=8, buffer_blocks=2, drop_last=drop_last)
+    for epoch in range(2):
+        loader.dataset.set_epoch(epoch)
+        batches = list(loader)
+        rows = _rows(batches)
+        assert len(batches) == len(loader) == (8 if drop_last else 9)
+        assert len(rows) == len(set(rows)) == (88 if drop_last else 90)
+        assert all(len(x) == 11 for x, _ in batches[:8])

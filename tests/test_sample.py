@@ -1,17 +1,10 @@
 import hashlib
-import os
 import re
-import signal
-import subprocess
-import sys
-import time
 
 import pytest
 from PIL import Image
 
-from storage.tiers import Tiers
-from prep.sample import BAD_INPUT_KINDS, SAMPLE_PHOTOS, SampleStage, build_sample
-from storage.stage import run_stage
+from prep.sample import BAD_INPUT_KINDS, SAMPLE_PHOTOS, build_sample
 from tests.conftest import SMALL_SAMPLE
 
 
@@ -77,34 +70,3 @@ def test_planted_bad_inputs_are_what_the_summary_says(tmp_path):
 def test_bad_sizes_are_rejected_with_the_values(tmp_path):
     with pytest.raises(ValueError, match="train_per_class must be >= 1 and val_per_class >= 0, got 0 and 1"):
         build_sample(tmp_path, train_per_class=0, val_per_class=1)
-
-
-@pytest.mark.slow
-def test_sample_stage_killed_mid_build_is_redone_identically(tmp_path):
-    """kill -9 while the stage writes images: no manifest; the rerun rebuilds the same bytes."""
-    tiers = Tiers(fast=tmp_path / "fast", bulk=tmp_path / "bulk")
-    sizes = {"seed": 5, "train_per_class": 30, "val_per_class": 0}
-    stage = SampleStage(**sizes).stage_dir(tiers)
-    code = (
-        "import sys, pathlib\n"
-        "from storage.tiers import Tiers\n"
-        "from prep.sample import SampleStage\n"
-        "from storage.stage import run_stage\n"
-        "t = Tiers(fast=pathlib.Path(sys.argv[1]), bulk=pathlib.Path(sys.argv[2]))\n"
-        "run_stage(t, SampleStage(seed=5, train_per_class=30, val_per_class=0))\n"
-    )
-    proc = subprocess.Popen([sys.executable, "-c", code, str(tiers.fast), str(tiers.bulk)], cwd=os.getcwd())
-    deadline = time.monotonic() + 60
-    while proc.poll() is None and time.monotonic() < deadline and len(list(stage.path.glob("train/*/*.JPEG"))) < 20:
-        time.sleep(0.01)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    written = len(list(stage.path.glob("train/*/*.JPEG")))
-    assert 20 <= written < 30 * len(SAMPLE_PHOTOS), "the kill should land mid-build"
-    assert not stage.is_complete
-
-    run_stage(tiers, SampleStage(**sizes))
-    assert stage.is_complete
-    fresh = tmp_path / "fresh"
-    build_sample(fresh, **sizes)
-    assert _digests(stage.path) == _digests(fresh)

@@ -8,9 +8,9 @@ has failed.
 
 from __future__ import annotations
 
-import logging
 import base64
 import io
+import logging
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -25,7 +25,16 @@ from models.losses import FeatureLoss, pixel_mse
 from models.metrics import psnr, ssim
 from models.schedule import Phase, PhaseSchedule, one_cycle
 from models.superres import make_generator
-from models.train import MODEL_FILE, TrainConfig, default_device, load_export, param_groups, save_checkpoint, seed_everything, train
+from models.train import (
+    MODEL_FILE,
+    TrainConfig,
+    default_device,
+    load_export,
+    param_groups,
+    save_checkpoint,
+    seed_everything,
+    train,
+)
 from storage.atomic import atomic_write_bytes, atomic_write_json
 from storage.catalog import crappified_pair, image_stores
 from storage.hdf5 import open_store

@@ -1,0 +1,83 @@
+"""Bad input gets one line on stderr naming the value and what is accepted, exit code 2, before any
+server or flow starts, and no traceback."""
+
+import re
+
+import pytest
+import torch
+
+from imagesmith.cli import main
+
+
+@pytest.fixture
+def files(tmp_path, monkeypatch):
+    monkeypatch.setenv("IMAGESMITH_FAST_DIR", str(tmp_path / "fast"))
+    monkeypatch.setenv("IMAGESMITH_BULK_DIR", str(tmp_path / "bulk"))
+    (tmp_path / "no-train").mkdir()
+    (tmp_path / "notes.txt").write_text("not an image")
+    (tmp_path / "ds" / "train" / "n01440764").mkdir(parents=True)
+
+    class Evil:  # a pickle that runs a command when loaded
+        def __reduce__(self):
+            return (__import__("os").system, (f"touch {tmp_path / 'PWNED'}",))
+
+    torch.save({"model": Evil(), "superres": {"arch": "johnson", "scale": 4}}, tmp_path / "evil.pt")
+    return tmp_path
+
+
+CASES = {
+    "missing source": (["run", "--source", "{t}/nope"], r"source '.*/nope' does not exist; expected .*train/<wnid>"),
+    "source is a file": (["run", "--source", "{t}/notes.txt"], r"is not a folder"),
+    "source without train/": (["run", "--source", "{t}/no-train"], r"has no train/ folder"),
+    "size 0": (["run", "--size", "0"], r"argument --size: 0 is out of range; use a number between 8 and 4096"),
+    "size -5": (["run", "--size", "-5"], r"-5 is out of range; use a number between 8 and 4096"),
+    "size 100000": (["demo", "--size", "100000"], r"100000 is out of range"),
+    "size not a number": (["run", "--size", "big"], r"'big' is not a whole number"),
+    "missing word vectors": (["run", "--word-vectors", "{t}/GoogleNews.bin"], r"word vectors not found at"),
+    "unknown crappifier": (["run", "--crappifier", "blur"], r"invalid choice: 'blur'"),
+    "words -k -3": (["words", "dog", "-k", "-3"], r"argument -k: -3 is out of range; use a number >= 1"),
+    "words empty text": (["words", "  "], r"the text is empty"),
+    "words missing table": (["words", "dog", "--table", "{t}/nope"], r"--table '.*/nope' is not a finished 'embeddings'"),
+    "search empty text": (["search", "--text", ""], r"--text is empty"),
+    "search missing image": (["search", "--image", "{t}/cat.jpg"], r"image '.*/cat.jpg' does not exist"),
+    "search non-image": (["search", "--image", "{t}/notes.txt"], r"notes.txt' is not a readable image"),
+    "search no index": (["search", "--text", "dog"], r"no finished 'devise-index' stage under"),
+    "enhance missing model": (["enhance", "{t}/model.pt", "{t}/a.png", "{t}/b.png"], r"model '.*/model.pt' does not exist"),
+    "enhance pickle model": (["enhance", "{t}/evil.pt", "{t}/a.png", "{t}/b.png"],
+                             r"evil.pt is not a plain weights file: .* could run code .* refusing to load it"),
+    "evaluate missing store": (["evaluate-superres", "{t}/evil.pt", "{t}/val.h5"], r"store '.*/val.h5' does not exist"),
+    "evaluate non-store": (["evaluate-superres", "{t}/evil.pt", "{t}/notes.txt"], r"notes.txt"),
+    "devise finetune 1": (["devise", "--finetune-epochs", "1"], r"use 0 \(no fine-tuning\) or at least 2"),
+    "devise bad zero-shot": (["devise", "--zero-shot", "motorcycle"], r"'motorcycle' is not a WordNet noun id"),
+    "devise epochs 1": (["devise", "--epochs", "1"], r"argument --epochs: 1 is out of range; use a number >= 2"),
+    "demo port": (["demo", "--port", "0"], r"argument --port: 0 is out of range"),
+    "sample into a full folder": (["sample", "--out", "{t}"], r"is not empty; choose a new folder"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_bad_input_is_one_line_and_exit_2(case, files, capsys):
+    argv, pattern = CASES[case]
+    with _returns() as result:
+        result.code = main([a.replace("{t}", str(files)) for a in argv])
+    err = capsys.readouterr().err
+    lines = err.strip().splitlines()
+    assert result.code == 2, err
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in err, err
+    assert re.search(pattern, lines[0]), lines[0]
+    assert not (files / "PWNED").exists()  # nothing we were handed ran
+
+
+class _returns:
+    """Captures ``main``'s exit code whether it returns it or argparse exits with it."""
+
+    code = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, error, tb):
+        if kind is SystemExit:
+            self.code = error.code
+            return True
+        return False
