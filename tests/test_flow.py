@@ -227,3 +227,15 @@ def test_run_command_on_a_folder_of_ones_own_exits_0_and_prints_the_stages(prefe
     assert f"dataset  {sample_root}  (your folder)" in out
     for stage in ("listing", "resize", "words"):
         assert f"  {stage:<8} {word_tiers.fast / ('embeddings' if stage == 'words' else stage)}" in out, out
+
+
+@pytest.mark.parametrize("params,field", [({"size": 0}, "size"), ({"size": 100_000}, "size"),
+                                          ({"crappifier": "blur"}, "crappifier"), ({"seed": -1}, "seed")])
+def test_the_flow_checks_its_parameters_before_any_stage_runs(prefect_server, tier_env, params, field):
+    from prefect.exceptions import ParameterTypeError
+
+    from flows.pipeline import pipeline
+
+    with pytest.raises(ParameterTypeError, match=field):
+        pipeline(**params)
+    assert not (tier_env / "bulk").exists() and not (tier_env / "fast").exists()  # nothing was built

@@ -103,3 +103,25 @@ def test_two_pipeline_flow_runs_at_once_both_complete(prefect_server, tmp_path):
     assert [p.returncode for p in runs] == [0, 0] and len(results) == 2, outs
     assert [r[1] for r in results] == ["Completed", "Completed"]
     assert json.loads(results[0][2]) == json.loads(results[1][2])
+
+
+def test_run_with_no_wait_exits_75_naming_the_holder(prefect_server, tmp_path, monkeypatch, capsys):
+    from imagesmith.cli import main
+
+    tiers = Tiers(fast=tmp_path / "fast", bulk=tmp_path / "bulk")
+    monkeypatch.setenv("IMAGESMITH_FAST_DIR", str(tiers.fast))
+    monkeypatch.setenv("IMAGESMITH_BULK_DIR", str(tiers.bulk))
+    spec = SampleStage()  # the sample `imagesmith run` builds first
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import time\nfrom prep.sample import SampleStage\nfrom storage.tiers import Tiers\n"
+        f"stage = {spec!r}.stage_dir(Tiers(fast={str(tiers.fast)!r}, bulk={str(tiers.bulk)!r}))\n"
+        "with stage.lock():\n    print('held', flush=True)\n    time.sleep(300)\n")], cwd=REPO, stdout=subprocess.PIPE,
+        text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        assert main(["run", "--no-wait", "--size", "16"]) == 75
+    finally:
+        holder.kill()
+        holder.wait()
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last.startswith("error: stage 'sample'") and f"is being built by pid {holder.pid}" in last, last
