@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -25,6 +26,22 @@ def _sample_run(tiers: Tiers, spec: SampleStage, *, wait: bool = True) -> subpro
             f"run_stage(Tiers(fast={str(tiers.fast)!r}, bulk={str(tiers.bulk)!r}), {spec!r}, wait={wait})\n")
     return subprocess.Popen([sys.executable, "-c", code], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True)
+
+
+@contextmanager
+def held_by_another_process(spec, tiers: Tiers):
+    """Another process holds ``spec``'s stage lock for the duration; yields its pid."""
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import time\nfrom prep.sample import SampleStage\nfrom storage.tiers import Tiers\n"
+        f"stage = {spec!r}.stage_dir(Tiers(fast={str(tiers.fast)!r}, bulk={str(tiers.bulk)!r}))\n"
+        "with stage.lock():\n    print('held', flush=True)\n    time.sleep(300)\n")], cwd=REPO, stdout=subprocess.PIPE,
+        text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        yield holder.pid
+    finally:
+        holder.kill()
+        holder.wait()
 
 
 def test_two_processes_on_one_stage_both_finish_and_the_work_is_done_once(tmp_path):
@@ -51,21 +68,12 @@ def test_no_wait_fails_at_once_naming_the_holder(tmp_path):
     tiers = Tiers(fast=tmp_path / "fast", bulk=tmp_path / "bulk")
     spec = SampleStage(seed=4, train_per_class=1, val_per_class=0)
     stage = spec.stage_dir(tiers)
-    holder = subprocess.Popen([sys.executable, "-c", (
-        "import sys, time\nfrom prep.sample import SampleStage\nfrom storage.tiers import Tiers\n"
-        f"stage = {spec!r}.stage_dir(Tiers(fast={str(tiers.fast)!r}, bulk={str(tiers.bulk)!r}))\n"
-        "with stage.lock():\n    print('held', flush=True)\n    time.sleep(120)\n")], cwd=REPO, stdout=subprocess.PIPE,
-        text=True)
-    try:
-        assert holder.stdout.readline().strip() == "held"
+    with held_by_another_process(spec, tiers) as pid:
         start = time.monotonic()
-        with pytest.raises(StageBusy, match=rf"is being built by pid {holder.pid} on .* since .*--no-wait"):
+        with pytest.raises(StageBusy, match=rf"is being built by pid {pid} on .* since .*--no-wait"):
             run_stage(tiers, spec, wait=False)
         assert time.monotonic() - start < 5 and not stage.is_complete
-        assert json.loads(stage.lock_path.read_text())["pid"] == holder.pid
-    finally:
-        holder.kill()
-        holder.wait()
+        assert json.loads(stage.lock_path.read_text())["pid"] == pid
     run_stage(tiers, spec, wait=False)  # the holder is gone: its lock went with it
     assert stage.is_complete
 
@@ -111,17 +119,7 @@ def test_run_with_no_wait_exits_75_naming_the_holder(prefect_server, tmp_path, m
     tiers = Tiers(fast=tmp_path / "fast", bulk=tmp_path / "bulk")
     monkeypatch.setenv("IMAGESMITH_FAST_DIR", str(tiers.fast))
     monkeypatch.setenv("IMAGESMITH_BULK_DIR", str(tiers.bulk))
-    spec = SampleStage()  # the sample `imagesmith run` builds first
-    holder = subprocess.Popen([sys.executable, "-c", (
-        "import time\nfrom prep.sample import SampleStage\nfrom storage.tiers import Tiers\n"
-        f"stage = {spec!r}.stage_dir(Tiers(fast={str(tiers.fast)!r}, bulk={str(tiers.bulk)!r}))\n"
-        "with stage.lock():\n    print('held', flush=True)\n    time.sleep(300)\n")], cwd=REPO, stdout=subprocess.PIPE,
-        text=True)
-    try:
-        assert holder.stdout.readline().strip() == "held"
+    with held_by_another_process(SampleStage(), tiers) as pid:  # the sample `imagesmith run` builds first
         assert main(["run", "--no-wait", "--size", "16"]) == 75
-    finally:
-        holder.kill()
-        holder.wait()
     last = capsys.readouterr().err.strip().splitlines()[-1]
-    assert last.startswith("error: stage 'sample'") and f"is being built by pid {holder.pid}" in last, last
+    assert last.startswith("error: stage 'sample'") and f"is being built by pid {pid}" in last, last
