@@ -22,7 +22,7 @@ from training.devise.search import IndexStage
 def devise(
     source: str | None = None,
     size: ImageSide = 224,
-    backbone: str = "resnet50",
+    backbone: str = "auto",
     pretrained: bool = True,
     flips: bool = True,
     epochs: Annotated[int, Field(ge=2)] = 10,
@@ -42,7 +42,8 @@ def devise(
 ) -> dict[str, object]:
     """Train DeViSE on ``source`` (default: the bundled sample) and index every image for search.
 
-    The head trains on the frozen ``backbone``'s pooled features (``flips``: mirrored copies too);
+    The head trains on the frozen ``backbone``'s pooled features (``flips``: mirrored copies too;
+    ``auto``: a local ResNet-50 file, else the bundled EfficientNet-Lite0);
     ``finetune_epochs`` > 0 then trains body and head end to end. ``zero_shot``: wnids held out of
     training for zero-shot evaluation (default: the classes outside ImageNet-1k). Word vectors
     come from ``word_vectors`` (Google News / fastText file) or the bundled GloVe 50-d.

@@ -74,6 +74,12 @@ def _cmd_doctor(args: argparse.Namespace) -> int:
     print(f"torch           : {torch.__version__} (CUDA available: {torch.cuda.is_available()})")
     print(f"prefect         : {prefect.__version__} (API: {os.environ.get('PREFECT_API_URL') or 'none: ephemeral mode'})")
     print(f"h5py / HDF5     : {h5py.__version__} / {h5py.version.hdf5_version}")
+    from models.backbones import DEVISE_BACKBONES, LOSS_NETWORKS, UNET_ENCODERS
+    from models.weights import weights_report
+
+    print("pretrained weights (first found wins: local file, then installed package):")
+    for network, source, where in weights_report(list(dict.fromkeys(DEVISE_BACKBONES + UNET_ENCODERS + LOSS_NETWORKS))):
+        print(f"  {network:<19}: {'OK   ' if source else 'none '} {where}")
     for name in ("fast", "bulk"):
         root = tiers.root(name)
         probe = root if root.exists() else next((p for p in root.parents if p.exists()), Path("/"))
@@ -373,8 +379,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("devise", help="train DeViSE (images -> word vectors) and build its search index")
     _add_run_options(p)
     p.add_argument("--size", type=_int_in(*SIZE_RANGE), default=224, help="square side of the image store")
-    p.add_argument("--backbone", default="resnet50", help="torchvision CNN, e.g. resnet18, resnet50, convnext_tiny")
-    p.add_argument("--no-pretrained", action="store_true", help="train the backbone from scratch (no local weights)")
+    p.add_argument("--backbone", default="auto",
+                   help="auto (a local ResNet-50 file, else the bundled EfficientNet-Lite0), efficientnet_lite0, "
+                        "or a torchvision CNN such as resnet18, resnet50, convnext_tiny")
+    p.add_argument("--no-pretrained", action="store_true", help="random backbone weights (asked for: never a fallback)")
     p.add_argument("--epochs", type=_int_in(2), default=10, help="head epochs (1cycle) on precomputed features")
     p.add_argument("--batch-size", type=_int_in(2), default=256)
     p.add_argument("--finetune-epochs", type=_int_in(0), default=0,

@@ -15,13 +15,13 @@ import torch
 import torchvision
 from torch import nn
 
+from models.backbones import DEVISE_BACKBONES, Body, best_available, build_body
 from models.blocks import ConcatPool, LinearBlock
-from models.weights import load_any_pretrained
 
 
 @dataclass(frozen=True)
 class DeviseConfig:
-    backbone: str = "resnet50"
+    backbone: str = "efficientnet_lite0"
     dims: int = 300  # the word vectors' size: 300 Google News, 50 the bundled GloVe
     hidden: int = 1024
     dropout: float = 0.5  # the last layer's; the first gets half (fastai's head)
@@ -35,32 +35,26 @@ class DeviseConfig:
 
 
 def classification_backbones() -> list[str]:
-    return sorted(torchvision.models.list_models(module=torchvision.models))
+    """Every name ``make_body`` accepts: the bundled EfficientNet-Lites and torchvision's classifiers."""
+    return ["efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2",
+            *sorted(torchvision.models.list_models(module=torchvision.models))]
 
 
-def make_body(name: str, *, pretrained: bool = True) -> tuple[nn.Module, int, bool]:
-    """(convolutional body of torchvision's ``name``, its output channels, whether weights were loaded).
-
-    ResNets (and ResNeXt, Wide ResNet, RegNet: anything with ``fc`` last) lose their pool and
-    ``fc``; models with a ``features`` trunk (VGG, DenseNet, EfficientNet, MobileNet, ConvNeXt)
-    keep just that.
-    """
+def resolve_backbone(name: str) -> str:
+    """``auto``: the best backbone with pretrained weights on this machine (ResNet-50 from a local
+    file, else the bundled EfficientNet-Lite); any other name is checked and kept."""
+    if name == "auto":
+        return best_available(DEVISE_BACKBONES)
     if name not in classification_backbones():
-        raise ValueError(f"unknown backbone {name!r}; choose a torchvision classification model, e.g. "
-                         "resnet18, resnet50, convnext_tiny, efficientnet_b0")
-    net = torchvision.models.get_model(name, weights=None)
-    loaded = pretrained and load_any_pretrained(net, torchvision.models.get_model_weights(name))
-    if isinstance(getattr(net, "fc", None), nn.Linear):
-        body = nn.Sequential(*list(net.children())[:-2])
-    elif isinstance(getattr(net, "features", None), nn.Module):
-        body = net.features
-    else:
-        raise ValueError(f"backbone {name!r} has neither a final fc nor a features trunk; use a CNN such as "
-                         "resnet50 or convnext_tiny")
-    body.eval()
-    with torch.no_grad():
-        channels = body(torch.zeros(1, 3, 64, 64)).shape[1]
-    return body.train(), channels, loaded
+        raise ValueError(f"unknown backbone {name!r}; choose auto, efficientnet_lite0/1/2 or a torchvision "
+                         "classification model, e.g. resnet18, resnet50, convnext_tiny")
+    return name
+
+
+def make_body(name: str, *, pretrained: bool = True, announce: bool = True) -> Body:
+    """The convolutional body of ``name`` (see models/backbones.build_body): ImageNet-normalised
+    images -> (B, C, h, w); its classifier on the average-pooled features kept apart (ConSE)."""
+    return build_body(name, pretrained=pretrained, announce=announce)
 
 
 class DeviseHead(nn.Sequential):
@@ -83,7 +77,9 @@ class Devise(nn.Module):
     def __init__(self, config: DeviseConfig, *, outputs: int | None = None, frozen_body_bn: bool = False):
         super().__init__()
         self.config, self.frozen_body_bn = config, frozen_body_bn
-        self.body, self.features, self.pretrained = make_body(config.backbone, pretrained=config.pretrained)
+        # pretrained=False here mostly rebuilds a model whose saved weights are loaded next
+        body = make_body(config.backbone, pretrained=config.pretrained, announce=config.pretrained)
+        self.body, self.features, self.weights = body.module, body.channels, body.source
         self.pool = ConcatPool()
         self.head = DeviseHead(2 * self.features, outputs or config.dims, hidden=config.hidden,
                                dropout=config.dropout)

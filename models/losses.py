@@ -1,22 +1,28 @@
 """Feature (perceptual) loss for image restoration (lesson 7, 2019; Johnson et al. 2016; Gatys et al.).
 
-loss = L1(pixels) + sum_i w_i * L1(VGG16-bn features before max-pools #3, #4, #5)
+loss = L1(pixels) + sum_i w_i * L1(VGG features before max-pools #3, #4, #5)
                   + sum_i w_i^2 * 5e3 * L1(gram matrices of those features),
-with the features at ``vgg16_bn().features`` indices 22, 32, 42, w = [5, 15, 2], and
-gram = F F^T / (c h w). Every term is returned, so each can be logged.
+with w = [5, 15, 2] and gram = F F^T / (c h w). The loss network is pretrained: VGG16-bn (the lesson's,
+layers 22, 32, 42) from a local torchvision file, else the bundled VGG19 (the same places: relu3_4,
+relu4_4, relu5_4), whose Caffe-scale activations are divided to O(1) per layer
+(models/backbones.VGG19_CAFFE_SCALES) so that the lesson's weights keep their balance. A random
+loss network is noise, not a perceptual loss: without weights the loss refuses to be built, unless
+``pretrained=False`` is asked for (tests).
+
+As fastai computes it, the pixel term is the L1 distance of the *normalised* images (the lesson's
+data is normalised with ImageNet statistics, targets included): per channel |x - y| / std.
+Every term is returned, so each can be logged.
 """
 
 from __future__ import annotations
 
 import torch
-import torchvision
 from torch import nn
 from torch.nn import functional as F
 
+from models.backbones import LOSS_NETWORKS, best_available, build_loss_network
 from models.superres import IMAGENET_MEAN, IMAGENET_STD
-from models.weights import load_pretrained
 
-LAYER_IDS = (22, 32, 42)
 LAYER_WEIGHTS = (5.0, 15.0, 2.0)
 GRAM_SCALE = 5e3
 
@@ -28,19 +34,24 @@ def gram_matrix(x: torch.Tensor) -> torch.Tensor:
     return f @ f.transpose(1, 2) / (c * h * w)
 
 
+def resolve_loss_network(name: str, pretrained: bool) -> str:
+    """``auto``: VGG16-bn from a local file, else the bundled VGG19; any other name is kept."""
+    if name != "auto":
+        return name
+    return best_available(LOSS_NETWORKS) if pretrained else "vgg19_caffe"
+
+
 class FeatureLoss(nn.Module):
     """The perceptual loss on images in [0, 1]; ``forward`` returns ``{"loss", "pixel", "feat_i", "gram_i"}``."""
 
-    def __init__(self, layer_ids=LAYER_IDS, layer_weights=LAYER_WEIGHTS, *, pretrained: bool = True):
+    def __init__(self, network: str = "auto", layer_weights=LAYER_WEIGHTS, *, pretrained: bool = True):
         super().__init__()
-        if len(layer_ids) != len(layer_weights):
-            raise ValueError(f"{len(layer_ids)} layers but {len(layer_weights)} weights")
-        vgg = torchvision.models.vgg16_bn(weights=None)
-        self.pretrained = pretrained and load_pretrained(vgg, torchvision.models.VGG16_BN_Weights.IMAGENET1K_V1)
-        self.features = vgg.features[: max(layer_ids) + 1].eval()
-        for p in self.features.parameters():
-            p.requires_grad_(False)
-        self.layer_ids, self.weights = tuple(layer_ids), tuple(layer_weights)
+        net = build_loss_network(resolve_loss_network(network, pretrained), pretrained=pretrained)
+        if len(net.layer_ids) != len(layer_weights):
+            raise ValueError(f"{len(net.layer_ids)} layers but {len(layer_weights)} weights")
+        self.features, self.to_input = net.features, net.renormalize
+        self.layer_ids, self.scales, self.weights = net.layer_ids, net.scales, tuple(layer_weights)
+        self.source = net.source
         self.register_buffer("mean", IMAGENET_MEAN.clone())
         self.register_buffer("std", IMAGENET_STD.clone())
 
@@ -50,14 +61,17 @@ class FeatureLoss(nn.Module):
         return self
 
     def _features(self, x: torch.Tensor) -> list[torch.Tensor]:
-        out, x = [], (x - self.mean) / self.std
+        """``x``: ImageNet-normalised images."""
+        out, x = [], self.to_input(x)
+        scales = dict(zip(self.layer_ids, self.scales))
         for i, layer in enumerate(self.features):
             x = layer(x)
-            if i in self.layer_ids:
-                out.append(x)
+            if i in scales:
+                out.append(x / scales[i])
         return out
 
     def forward(self, prediction: torch.Tensor, target: torch.Tensor) -> dict[str, torch.Tensor]:
+        prediction, target = (prediction - self.mean) / self.std, (target - self.mean) / self.std
         terms = {"pixel": F.l1_loss(prediction, target)}
         with torch.no_grad():
             target_feats = self._features(target)

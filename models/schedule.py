@@ -32,24 +32,28 @@ def anneal(start: float, end: float, pct: float, decay: str, power: float = 2.0)
 
 @dataclass(frozen=True)
 class Phase:
-    epochs: int
+    epochs: float  # may be a fraction: a 1cycle's warm-up is pct_start of all its steps
     lr: float | tuple[float, float]
     decay: str = "cosine"
     momentum: float | tuple[float, float] | None = None
     power: float = 2.0
     image_size: int | None = None
     batch_size: int | None = None
-    # learning-rate multipliers per optimizer parameter group for this phase (e.g. (0, 1): encoder
-    # frozen; (0.01, 1): discriminative); None keeps each group's own ``lr_scale``
+    # learning-rate multipliers per optimizer parameter group for this phase (e.g. (0, 0, 1): encoder
+    # frozen; (0.01, 0.1, 1): discriminative); None keeps each group's own ``lr_scale``
     group_scales: tuple[float, ...] | None = None
 
     def __post_init__(self) -> None:
-        if self.epochs < 1:
-            raise ValueError(f"a phase lasts at least 1 epoch, got {self.epochs}")
+        if not self.epochs > 0:
+            raise ValueError(f"a phase lasts more than 0 epochs, got {self.epochs}")
         if self.decay not in DECAYS:
             raise ValueError(f"unknown decay {self.decay!r}; choose one of {list(DECAYS)}")
         if self.decay == "exponential" and isinstance(self.lr, tuple) and min(self.lr) <= 0:
             raise ValueError(f"exponential decay needs positive learning rates, got {self.lr}")
+
+    @property
+    def data(self) -> tuple[int | None, int | None]:
+        return self.image_size, self.batch_size
 
     def lr_at(self, pct: float) -> float:
         start, end = self.lr if isinstance(self.lr, tuple) else (self.lr, self.lr)
@@ -63,7 +67,13 @@ class Phase:
 
 
 class PhaseSchedule:
-    """Step -> (phase index, lr, momentum) for a list of phases and a number of steps per epoch."""
+    """Step -> (phase index, lr, momentum) for a list of phases and a number of steps per epoch.
+
+    Phases are laid out in steps: phase i starts at step ``int(epochs before it * steps_per_epoch)``
+    (fastai's ``int(n * pct_start)`` for a 1cycle), and inside a phase the value at its j-th of n
+    steps is ``anneal(start, end, j / n)``, as fastai's schedulers step. The phases must add up to
+    whole epochs, and a phase that changes the data (image or batch size) must start an epoch.
+    """
 
     def __init__(self, phases: Sequence[Phase], steps_per_epoch: int):
         if not phases:
@@ -71,44 +81,57 @@ class PhaseSchedule:
         if steps_per_epoch < 1:
             raise ValueError(f"steps_per_epoch must be >= 1, got {steps_per_epoch}")
         self.phases, self.steps_per_epoch = list(phases), steps_per_epoch
-        self.epoch_starts = [0]
+        cumulative = [0.0]
         for p in self.phases:
-            self.epoch_starts.append(self.epoch_starts[-1] + p.epochs)
+            cumulative.append(cumulative[-1] + p.epochs)
+        if abs(cumulative[-1] - round(cumulative[-1])) > 1e-9:
+            raise ValueError(f"the phases add up to {cumulative[-1]} epochs; they must make whole epochs")
+        self._epochs = round(cumulative[-1])
+        self.step_starts = [int(c * steps_per_epoch + 1e-9) for c in cumulative]
+        for i in range(1, len(self.phases)):
+            if self.phases[i].data != self.phases[i - 1].data and abs(cumulative[i] - round(cumulative[i])) > 1e-9:
+                raise ValueError(f"phase {i} changes the image or batch size mid-epoch (at epoch {cumulative[i]})")
 
     @property
     def epochs(self) -> int:
-        return self.epoch_starts[-1]
+        return self._epochs
 
     @property
     def total_steps(self) -> int:
         return self.epochs * self.steps_per_epoch
 
-    def phase_of_epoch(self, epoch: int) -> int:
+    def phase_at(self, step: int) -> int:
         for i in range(len(self.phases)):
-            if epoch < self.epoch_starts[i + 1]:
+            if step < self.step_starts[i + 1]:
                 return i
-        raise IndexError(f"epoch {epoch} is past the schedule's {self.epochs} epochs")
+        raise IndexError(f"step {step} is past the schedule's {self.total_steps} steps")
+
+    def phase_of_epoch(self, epoch: int) -> int:
+        """The phase at the epoch's first step (it sets the epoch's data: image and batch size)."""
+        if not 0 <= epoch < self.epochs:
+            raise IndexError(f"epoch {epoch} is past the schedule's {self.epochs} epochs")
+        return self.phase_at(epoch * self.steps_per_epoch)
 
     def at(self, step: int) -> tuple[int, float, float | None]:
-        i = self.phase_of_epoch(step // self.steps_per_epoch)
-        first = self.epoch_starts[i] * self.steps_per_epoch
-        length = self.phases[i].epochs * self.steps_per_epoch
-        pct = (step - first) / max(length - 1, 1)
+        i = self.phase_at(step)
+        first, length = self.step_starts[i], self.step_starts[i + 1] - self.step_starts[i]
+        pct = (step - first) / max(length, 1)
         return i, self.phases[i].lr_at(pct), self.phases[i].momentum_at(pct)
 
 
-def one_cycle(epochs: int, max_lr: float, *, pct_start: float = 0.3, div: float = 25.0, final_div: float = 1e4,
-              moms: tuple[float, float] = (0.95, 0.85), **data) -> list[Phase]:
-    """1cycle (Smith): warm up to ``max_lr`` while momentum falls, then cosine down while it rises.
-
-    With whole-epoch phases the warm-up is ``round(epochs * pct_start)`` epochs (at least 1).
-    """
-    if epochs < 2:
-        raise ValueError(f"1cycle needs at least 2 epochs (warm-up and annealing), got {epochs}")
-    up = min(max(1, round(epochs * pct_start)), epochs - 1)
+def one_cycle(epochs: int, max_lr: float, *, pct_start: float = 0.3, div: float = 25.0,
+              final_div: float | None = None, moms: tuple[float, float] = (0.95, 0.85), **data) -> list[Phase]:
+    """1cycle (Smith 2018) as fastai v1's ``fit_one_cycle``: for ``pct_start`` of all steps, cosine
+    from ``max_lr / div`` up to ``max_lr`` while momentum falls ``moms[0] -> moms[1]``; then cosine
+    down to ``max_lr / final_div`` (default ``div * 1e4``) while momentum rises back."""
+    if epochs < 1:
+        raise ValueError(f"1cycle needs at least 1 epoch, got {epochs}")
+    if not 0 < pct_start < 1:
+        raise ValueError(f"pct_start must be a fraction in (0, 1), got {pct_start}")
+    final_div = div * 1e4 if final_div is None else final_div
     return [
-        Phase(up, (max_lr / div, max_lr), "cosine", momentum=moms, **data),
-        Phase(epochs - up, (max_lr, max_lr / final_div), "cosine", momentum=(moms[1], moms[0]), **data),
+        Phase(epochs * pct_start, (max_lr / div, max_lr), "cosine", momentum=moms, **data),
+        Phase(epochs * (1 - pct_start), (max_lr, max_lr / final_div), "cosine", momentum=(moms[1], moms[0]), **data),
     ]
 
 

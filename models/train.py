@@ -230,8 +230,8 @@ def train(model: nn.Module, optimizer: torch.optim.Optimizer, schedule: PhaseSch
                     break
                 if i < skip:
                     continue
-                _, lr, momentum = schedule.at(step)
-                _set_hyperparameters(optimizer, lr, momentum, phase.group_scales)
+                at_phase, lr, momentum = schedule.at(step)  # phases may change mid-epoch (a 1cycle's warm-up)
+                _set_hyperparameters(optimizer, lr, momentum, schedule.phases[at_phase].group_scales)
                 x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
                 if cuda and config.channels_last and x.dim() == 4:
                     x = x.contiguous(memory_format=torch.channels_last)

@@ -101,8 +101,34 @@ install_pillow_simd() {
     write_imaging_record pillow-simd "$cc" "built from source"
 }
 
+# The bundled sample uses real photos from Debian's darknet package (a dog, an eagle, a giraffe,
+# horses, a beach; Munch's "The Scream" for style transfer). Only its data is needed, not the
+# program and its OpenCV dependencies: the .deb is downloaded and just those files extracted.
+install_darknet_photos() {
+    local target="$VENV/share/darknet" tmp deb
+    if [ -f /usr/share/darknet/data/dog.jpg ] || [ -f "$target/data/dog.jpg" ]; then
+        return 0
+    fi
+    tmp=$(mktemp -d)
+    if ! (cd "$tmp" && { apt-get download -qq darknet 2>/dev/null \
+            || { [ "$(id -u)" = 0 ] && apt-get update -qq && apt-get download -qq darknet; }; }); then
+        log "ERROR: could not download Debian's darknet package (its photos are part of the bundled sample);"
+        log "       install it (apt-get install darknet) or set IMAGESMITH_DARKNET_DIR to a folder of its data/"
+        rm -rf "$tmp"
+        exit 1
+    fi
+    deb=$(ls "$tmp"/darknet_*.deb | head -n 1)
+    dpkg-deb -x "$deb" "$tmp/x"
+    mkdir -p "$target/data"
+    cp "$tmp"/x/usr/share/darknet/data/*.jpg "$target/data/"
+    cp "$tmp"/x/usr/share/doc/darknet/copyright "$target/copyright"
+    log "extracted the darknet package's photos into $target/data ($(basename "$deb"))"
+    rm -rf "$tmp"
+}
+
 install_debian_packages
 create_venv
 install_project
 install_pillow_simd
+install_darknet_photos
 log "ready: $("$VENV/bin/python" -c 'import PIL, torch, prefect; print(f"PIL {PIL.__version__}, torch {torch.__version__}, prefect {prefect.__version__}")')"

@@ -4,7 +4,15 @@ import h5py
 import numpy as np
 import pytest
 
-from prep.crappify import CRAPPIFIERS, CrappifyConfig, CrappifyStage, JpegText, image_rng, make_crappifier
+from prep.crappify import (
+    CRAPPIFIERS,
+    CrappifyConfig,
+    CrappifyStage,
+    JpegText,
+    image_rng,
+    make_crappifier,
+)
+from prep.sample import SAMPLE_PHOTOS
 from storage.stage import run_stage
 from tests.helpers import prepared
 
@@ -70,7 +78,7 @@ def test_crappified_store_is_aligned_with_its_source(resized, tiers):
             expected = make_crappifier("jpeg_text", 24)(high["images"][k], image_rng(0, int(high["index"][k])))
             np.testing.assert_array_equal(low["images"][k], expected)
             assert low.attrs["crappifier"] == "jpeg_text"
-    assert stage.manifest()["counts"]["val"] == 14
+    assert stage.manifest()["counts"]["val"] == 2 * len(SAMPLE_PHOTOS)
 
 
 def test_interrupted_crappify_redoes_only_missing_shards_identically(resized, tiers, tmp_path):

@@ -1,8 +1,9 @@
-"""DeViSE on the sample (real photos, real WordNet + GloVe, CPU, a from-scratch ResNet-18 at 48 px).
+"""DeViSE on the sample (real photos, real WordNet + GloVe, CPU, the bundled pretrained
+EfficientNet-Lite0 at 64 px).
 
-The numbers are far from the paper's (no pretrained body, 30 images); the tests check the
-mechanics: the loss falls, hit@k beats chance, zero-shot classes never train, search finds a
-class's own images, and the exported model reproduces the stored features.
+The tests check the mechanics on a tiny run: the loss falls, hit@k beats chance, zero-shot classes
+never train, search finds a class's own images, the exported model reproduces the stored features,
+and the manifest records the weights used.
 """
 
 import numpy as np
@@ -13,6 +14,8 @@ from models.data import ChunkShuffleStream, to_float_nchw
 from models.devise import Devise, DeviseConfig, make_body
 from models.losses import LabelVectorLoss, cosine_loss
 from models.metrics import hit_at_k
+from prep.sample import SAMPLE_PHOTOS
+from prep.wordnet import imagenet_wnids
 from storage.catalog import store_classes
 from storage.hdf5 import open_store
 from storage.image_vectors import read_embeddings
@@ -35,8 +38,8 @@ ZERO_SHOT = (MOTORCYCLE, ESPRESSO)
 def run(resized, word_table, tmp_path_factory):
     root = tmp_path_factory.mktemp("devise")
     tiers = Tiers(fast=root / "fast", bulk=root / "bulk")
-    resized = resized(48)
-    fc = FeaturesConfig(backbone="resnet18", pretrained=False, flips=True, batch_size=16)
+    resized = resized(64)
+    fc = FeaturesConfig(backbone="efficientnet_lite0", flips=True, batch_size=16)  # the bundled pretrained weights
     features = run_stage(tiers, FeaturesStage(resize=str(resized.path), config=fc, device="cpu"))
     hc = HeadConfig(epochs=20, lr=1e-2, batch_size=8, hidden=64, dropout=0.1, zero_shot=ZERO_SHOT)
     devise = run_stage(tiers, DeviseStage(features=str(features.path), words=str(word_table.path), config=hc,
@@ -61,12 +64,16 @@ def test_backbone_errors_name_the_bad_value():
         make_body("vit_b_16", pretrained=False)
 
 
-def test_missing_backbone_weights_warn_loudly(caplog, tmp_path, monkeypatch):
+def test_missing_backbone_weights_are_an_error_naming_the_file_and_random_weights_must_be_asked_for(
+        caplog, tmp_path, monkeypatch):
+    from models.weights import MissingWeights
+
     monkeypatch.setenv("IMAGESMITH_WEIGHTS_DIR", str(tmp_path))
     monkeypatch.setenv("TORCH_HOME", str(tmp_path))
-    _, _, loaded = make_body("resnet18", pretrained=True)
-    assert not loaded
-    assert "FROM SCRATCH" in caplog.text and "resnet18-" in caplog.text
+    with pytest.raises(MissingWeights, match=r"no weights for resnet18: place resnet18-f37072fd.pth in \$IMAGESMITH"):
+        make_body("resnet18", pretrained=True)
+    body = make_body("resnet18", pretrained=False)
+    assert body.source is None and "resnet18: RANDOM weights" in caplog.text
 
 
 def test_cosine_loss_is_one_minus_cosine():
@@ -99,8 +106,9 @@ def test_stream_keeps_only_the_requested_classes_in_full_batches(run):
 
 def test_default_zero_shot_classes_are_those_outside_imagenet_1k(run, word_table):
     plan = plan_classes(run["classes"], word_table, None)
-    assert [plan.classes[i] for i in plan.zero_shot] == [MOTORCYCLE]
-    assert len(plan.trained) == len(run["classes"]) - 1 and not plan.no_vector
+    outside = [p.wnid for p in SAMPLE_PHOTOS if p.wnid not in imagenet_wnids("1k")]
+    assert sorted(plan.classes[i] for i in plan.zero_shot) == sorted(outside) and MOTORCYCLE in outside
+    assert len(outside) == 5 and len(plan.trained) == len(run["classes"]) - 5 and not plan.no_vector
     with pytest.raises(ValueError, match="n99999999"):
         plan_classes(run["classes"], word_table, ["n99999999"])
 
@@ -109,11 +117,11 @@ def test_features_hold_both_views_and_the_export_reproduces_them(run):
     with open_store(run["features"] / "val.h5") as f, open_store(run["resize"] / "val.h5") as r:
         feats, labels = f["features"][:], f["labels"][:]
         images, store_labels = r["images"][:2], r["labels"][:]
-    assert feats.shape == (len(store_labels), 2, 1024) and feats.dtype == np.float16
+    assert feats.shape == (len(store_labels), 2, 2 * 1280) and feats.dtype == np.float16  # EfficientNet-Lite0
     np.testing.assert_array_equal(labels, store_labels)
     assert not np.allclose(feats[:, 0], feats[:, 1])  # the flipped view is a different input
     model, meta = load_devise(run["devise"])
-    assert meta["image_size"] == 48 and meta["classes"] == run["classes"]
+    assert meta["image_size"] == 64 and meta["classes"] == run["classes"]
     with torch.no_grad():
         pooled = model.eval().pooled(to_float_nchw(torch.from_numpy(images), "cpu")).numpy()
     np.testing.assert_allclose(pooled, feats[:2, 0].astype(np.float32), rtol=2e-2, atol=2e-2)
@@ -130,9 +138,11 @@ def test_head_learns_and_beats_chance_next_to_the_softmax_baseline(run):
     assert flat["n_candidates"] >= 985 and flat["images"] > 0
     assert flat["hit@5"] > 10 * 5 / flat["n_candidates"]  # far above chance
     assert [flat[f"hit@{k}"] for k in (1, 2, 5, 10, 20)] == sorted(flat[f"hit@{k}"] for k in (1, 2, 5, 10, 20))
-    softmax = rows["softmax", "flat", "trained"]
-    assert softmax["n_candidates"] == 5 and softmax["images"] == flat["images"]
-    assert rows["devise", "zero-shot", "held-out classes"]["n_candidates"] == 2
+    softmax = rows["softmax", "flat", "trained classes"]
+    assert softmax["n_candidates"] == len(run["classes"]) - 2 and softmax["images"] == flat["images"]
+    held_out = rows["devise", "zero-shot", "held-out classes"]
+    assert held_out["n_candidates"] == 2 and held_out["hit@1"] is not None and held_out["hit@2"] is None  # trivial
+    assert rows["devise", "zero-shot", "imagenet-21k"]["n_candidates"] > 10_000
     assert rows["devise", "zero-shot", "all WordNet nouns"]["n_candidates"] > 70_000
     roles = {r["wnid"]: r["role"] for r in m["classes"]}
     assert roles[MOTORCYCLE] == roles[ESPRESSO] == "zero_shot" and roles[TABBY] == "trained"

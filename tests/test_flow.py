@@ -16,7 +16,11 @@ from storage.stage import open_stage
 def _task_states(flow_run_id):
     """{task name: sorted state names} of the task runs of one flow run and of its subflow runs."""
     from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId, FlowRunFilterParentFlowRunId
+    from prefect.client.schemas.filters import (
+        FlowRunFilter,
+        FlowRunFilterId,
+        FlowRunFilterParentFlowRunId,
+    )
 
     async def read():
         async with get_client() as client:

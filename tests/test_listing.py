@@ -3,7 +3,12 @@ import shutil
 import numpy as np
 import pytest
 
-from prep.listing import ListingStage, fingerprint_dataset, list_dataset, shuffle_listing
+from prep.listing import (
+    ListingStage,
+    fingerprint_dataset,
+    list_dataset,
+    shuffle_listing,
+)
 from prep.sample import SAMPLE_PHOTOS
 from storage.listing import read_classes, read_split
 from storage.stage import run_stage

@@ -33,13 +33,16 @@ def test_generators_upscale_by_four_into_unit_range(arch, size):
     assert y.shape == (2, 3, 4 * size, 4 * size) and 0 <= float(y.min()) and float(y.max()) <= 1
 
 
-def test_missing_pretrained_weights_say_so_loudly(tmp_path, monkeypatch, caplog):
+def test_missing_pretrained_weights_are_an_error_and_random_weights_say_so(tmp_path, monkeypatch, caplog):
+    from models.weights import MissingWeights
+
     monkeypatch.setenv("TORCH_HOME", str(tmp_path))
     monkeypatch.delenv("IMAGESMITH_WEIGHTS_DIR", raising=False)
+    with pytest.raises(MissingWeights, match="no weights for resnet34: place resnet34-b627a593.pth in"):
+        make_generator("unet", 2, encoder="resnet34", pretrained=True)
     with caplog.at_level(logging.WARNING):
-        model = make_generator("unet", 2, pretrained=True)
-    assert model.unet.pretrained is False
-    assert "NO PRETRAINED WEIGHTS: resnet34-b627a593.pth not found" in caplog.text and "FROM SCRATCH" in caplog.text
+        model = make_generator("unet", 2, encoder="resnet34", pretrained=False)
+    assert model.unet.weights is None and "resnet34: RANDOM weights" in caplog.text
 
 
 def test_pretrained_weights_load_from_the_local_folder(tmp_path, monkeypatch):
@@ -48,9 +51,9 @@ def test_pretrained_weights_load_from_the_local_folder(tmp_path, monkeypatch):
     reference = torchvision.models.resnet34(weights=None)
     torch.save(reference.state_dict(), tmp_path / "resnet34-b627a593.pth")
     monkeypatch.setenv("IMAGESMITH_WEIGHTS_DIR", str(tmp_path))
-    model = make_generator("unet", 2, pretrained=True)
-    assert model.unet.pretrained is True
-    assert torch.equal(model.unet.stem[0].weight, reference.conv1.weight)
+    model = make_generator("unet", 2, encoder="resnet34", pretrained=True)
+    assert model.unet.weights.origin == "file" and model.unet.weights.path == str(tmp_path / "resnet34-b627a593.pth")
+    assert torch.equal(model.unet.encoder.stages[0][0].weight, reference.conv1.weight)
 
 
 def test_johnson_rejects_scales_that_are_not_powers_of_two_and_bad_arch_is_named():

@@ -6,7 +6,14 @@ import torch
 from torch import nn
 
 from models.schedule import Phase, PhaseSchedule, anneal, one_cycle, sgdr
-from models.train import CHECKPOINT, TrainConfig, default_device, load_checkpoint, param_groups, train
+from models.train import (
+    CHECKPOINT,
+    TrainConfig,
+    default_device,
+    load_checkpoint,
+    param_groups,
+    train,
+)
 
 SPE = 5  # steps per epoch
 
@@ -19,14 +26,37 @@ def test_annealing_goes_from_start_to_end(decay):
     assert anneal(1.0, 0.5, 0.5, "cosine") == pytest.approx(0.75)
 
 
-def test_one_cycle_warms_up_then_anneals_with_momentum_mirrored():
-    schedule = PhaseSchedule(one_cycle(10, 1e-2), steps_per_epoch=10)
-    lrs = [schedule.at(s)[1] for s in range(schedule.total_steps)]
-    moms = [schedule.at(s)[2] for s in range(schedule.total_steps)]
-    peak = lrs.index(max(lrs))
-    assert max(lrs) == pytest.approx(1e-2) and peak == 29  # 3 warm-up epochs of 10 steps
-    assert lrs[0] == pytest.approx(1e-2 / 25) and lrs[-1] == pytest.approx(1e-6)
-    assert moms[peak] == pytest.approx(0.85) and moms[0] == pytest.approx(0.95) and moms[-1] == pytest.approx(0.95)
+def _fastai_one_cycle(i: int, n: int, lr_max: float, pct_start: float = 0.3, div: float = 25.0,
+                      moms=(0.95, 0.85)) -> tuple[float, float]:
+    """fastai v1's OneCycleScheduler, written out: (lr, momentum) at batch ``i`` of ``n``."""
+    def cos(start, end, pct):
+        return end + (start - end) / 2 * (math.cos(math.pi * pct) + 1)
+
+    a1 = int(n * pct_start)
+    if i < a1:
+        return cos(lr_max / div, lr_max, i / a1), cos(moms[0], moms[1], i / a1)
+    return cos(lr_max, lr_max / (div * 1e4), (i - a1) / (n - a1)), cos(moms[1], moms[0], (i - a1) / (n - a1))
+
+
+@pytest.mark.parametrize("epochs,spe,pct", [(10, 10, 0.3), (10, 7, 0.9), (3, 13, 0.25), (1, 50, 0.3)])
+def test_one_cycle_follows_fastais_formula_step_by_step(epochs, spe, pct):
+    schedule = PhaseSchedule(one_cycle(epochs, 1e-2, pct_start=pct), steps_per_epoch=spe)
+    n = epochs * spe
+    assert schedule.total_steps == n
+    for i in sorted({0, 1, int(n * pct) - 1, int(n * pct), n // 2, n - 2, n - 1}):
+        lr, mom = _fastai_one_cycle(i, n, 1e-2, pct)
+        _, ours_lr, ours_mom = schedule.at(i)
+        assert ours_lr == pytest.approx(lr, rel=1e-12) and ours_mom == pytest.approx(mom, rel=1e-12), i
+    lrs = [schedule.at(s)[1] for s in range(n)]
+    assert lrs.index(max(lrs)) == int(n * pct) and max(lrs) == pytest.approx(1e-2)  # the peak starts phase 2
+    assert lrs[0] == pytest.approx(1e-2 / 25) and lrs[-1] == min(lrs[int(n * pct):])  # falls to the end
+
+
+def test_a_data_change_mid_epoch_and_partial_epochs_are_refused():
+    with pytest.raises(ValueError, match="they must make whole epochs"):
+        PhaseSchedule([Phase(1.5, 0.1)], 4)
+    with pytest.raises(ValueError, match="changes the image or batch size mid-epoch"):
+        PhaseSchedule([Phase(0.5, 0.1, image_size=32), Phase(0.5, 0.1, image_size=64)], 4)
 
 
 def test_sgdr_restarts_with_growing_cycles_and_bad_values_are_named():
@@ -36,8 +66,8 @@ def test_sgdr_restarts_with_growing_cycles_and_bad_values_are_named():
     assert schedule.at(4)[1] == pytest.approx(0.1)  # restart at the second cycle
     with pytest.raises(ValueError, match=r"unknown decay 'step'; choose one of \['constant', 'linear'"):
         Phase(1, (0.1, 0.01), "step")
-    with pytest.raises(ValueError, match="1cycle needs at least 2 epochs"):
-        one_cycle(1, 0.1)
+    with pytest.raises(ValueError, match="1cycle needs at least 1 epoch"):
+        one_cycle(0, 0.1)
 
 
 class Tiny(nn.Module):
@@ -102,7 +132,8 @@ def test_discriminative_learning_rates_and_every_loss_term_are_logged(tmp_path):
 
     _, opt, history = _run(tmp_path, loss_terms)
     body, head = opt.param_groups
-    assert body["lr"] == pytest.approx(0.1 * head["lr"]) and head["lr"] == pytest.approx(0.001)
+    last = anneal(0.05, 0.001, (2 * SPE - 1) / (2 * SPE), "cosine")  # the last step of the 2-epoch phase
+    assert body["lr"] == pytest.approx(0.1 * head["lr"]) and head["lr"] == pytest.approx(last)
     assert {"loss", "cross_entropy", "l2", "lr", "phase"} <= set(history[-1])
     assert [h["phase"] for h in history] == [0, 1, 1]
     assert history[0]["loss"] == pytest.approx(history[0]["cross_entropy"] + history[0]["l2"], rel=1e-5)

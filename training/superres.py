@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import io
+import json
 import logging
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
@@ -20,8 +21,10 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 
+from models.augment import PairAugment
+from models.backbones import UNET_ENCODERS, best_available
 from models.data import make_loader, to_unit
-from models.losses import FeatureLoss, pixel_mse
+from models.losses import FeatureLoss, pixel_mse, resolve_loss_network
 from models.metrics import psnr, ssim
 from models.schedule import Phase, PhaseSchedule, one_cycle
 from models.superres import make_generator
@@ -53,34 +56,55 @@ def store_scale(low_store: str | Path, high_store: str | Path) -> int:
     return s_high // s_low
 
 
+FROZEN, UNFROZEN = (0.0, 0.0, 1.0), (0.01, 0.1, 1.0)
+WEIGHTS_FILE = "weights.json"  # where the pretrained weights a run started from came from  # per layer group: [encoder low, encoder high, decoder]
+
+
 @dataclass(frozen=True)
 class SuperResConfig:
     arch: str = "unet"
     loss: str = "feature"
     batch_size: int = 8
-    phases: tuple[Phase, ...] = (Phase(1, (1e-3, 1e-5), "cosine", group_scales=(0.0, 1.0)),)
-    pretrained: bool = True
+    phases: tuple[Phase, ...] = (Phase(1, (1e-3, 1e-5), "cosine", group_scales=FROZEN),)
+    pretrained: bool = True  # False: random encoder and loss network, asked for explicitly (--no-pretrained)
     seed: int = 0
-    weight_decay: float = 1e-3
+    weight_decay: float = 1e-3  # the lesson's wd
     num_workers: int = 2  # loader processes reading the store pairs
+    encoder: str = "auto"  # the U-Net's: auto = ResNet-34 from a local file, else the bundled EfficientNet-Lite0
+    loss_network: str = "auto"  # the feature loss's: auto = VGG16-bn from a local file, else the bundled VGG19
+    augment: bool = True  # random crop-zoom (up to 2) and flips, the same for input and target
 
     def __post_init__(self) -> None:
         if self.loss not in LOSSES:
             raise ValueError(f"unknown loss {self.loss!r}; choose one of {list(LOSSES)}")
+        # "auto" is resolved here, so that the stage key names the networks actually used
+        encoder = "" if self.arch != "unet" else (
+            best_available(UNET_ENCODERS) if self.encoder == "auto" and self.pretrained else
+            "efficientnet_lite0" if self.encoder == "auto" else self.encoder)
+        object.__setattr__(self, "encoder", encoder)
+        object.__setattr__(self, "loss_network", "" if self.loss != "feature" else
+                           resolve_loss_network(self.loss_network, self.pretrained))
 
 
 def make_trainer(config: SuperResConfig, scale: int):
-    """(model, optimizer with [encoder, rest] groups, loss function)."""
-    model = make_generator(config.arch, scale, pretrained=config.pretrained)
+    """(model, optimizer, loss function). The U-Net's optimizer has three parameter groups (encoder
+    low, encoder high, decoder: the phases' ``group_scales``); the Johnson network's one."""
+    model = make_generator(config.arch, scale, encoder=config.encoder or "resnet34", pretrained=config.pretrained)
     if config.arch == "unet":
-        encoder = set(map(id, model.unet.encoder_modules.parameters()))
-        groups = [{"params": [p for p in model.parameters() if id(p) in encoder]},
-                  {"params": [p for p in model.parameters() if id(p) not in encoder]}]
+        groups = [{"params": g} for g in model.unet.layer_groups()]
     else:
         groups = param_groups((model, 1.0))
     optimizer = torch.optim.AdamW(groups, lr=1e-3, weight_decay=config.weight_decay)
-    loss_fn = FeatureLoss(pretrained=config.pretrained) if config.loss == "feature" else pixel_mse
+    loss_fn = (FeatureLoss(config.loss_network, pretrained=config.pretrained) if config.loss == "feature"
+               else pixel_mse)
     return model, optimizer, loss_fn
+
+
+def weights_used(model: torch.nn.Module, loss_fn) -> dict[str, Any]:
+    """What a manifest records about the pretrained weights a run started from (None: random)."""
+    encoder = getattr(getattr(model, "unet", None), "weights", None)
+    loss_net = getattr(loss_fn, "source", None)
+    return {"encoder": encoder.record() if encoder else None, "loss_network": loss_net.record() if loss_net else None}
 
 
 Pair = tuple[Path, Path]  # (low-res store, aligned high-res store)
@@ -130,6 +154,8 @@ def train_superres(pairs: Pair | Mapping[int, Pair], config: SuperResConfig, che
     scale = scales.pop()
     seed_everything(config.seed)  # the same initial weights every run: a resumed run starts where this one did
     model, optimizer, loss_fn = make_trainer(config, scale)
+    atomic_write_json(Path(checkpoint_dir) / WEIGHTS_FILE, weights_used(model, loss_fn))
+    augment = PairAugment() if config.augment else None
     tconfig = TrainConfig(checkpoint_dir=checkpoint_dir, seed=config.seed, device=default_device(device))
     loss_fn = loss_fn.to(tconfig.device) if isinstance(loss_fn, torch.nn.Module) else loss_fn
     history: list[dict[str, Any]] = []
@@ -149,8 +175,10 @@ def train_superres(pairs: Pair | Mapping[int, Pair], config: SuperResConfig, che
 
         def batches(epoch: int, phase: Phase, loader=loader):
             loader.dataset.set_epoch(epoch)
+            draws = torch.Generator().manual_seed(config.seed * 100_003 + epoch)  # the same crops on a resume
             for lo, hi in loader:
-                yield to_unit(lo, tconfig.device), to_unit(hi, tconfig.device)
+                lo, hi = to_unit(lo, tconfig.device), to_unit(hi, tconfig.device)
+                yield augment(lo, hi, draws) if augment else (lo, hi)
 
         def tagged(record: dict[str, Any], offset=offset, leg=i, leg_size=leg_size) -> dict[str, Any]:
             return {**record, "epoch": offset + record["epoch"], "leg": leg, "size": leg_size}
@@ -158,20 +186,27 @@ def train_superres(pairs: Pair | Mapping[int, Pair], config: SuperResConfig, che
         history += [tagged(r) for r in train(
             model, optimizer, PhaseSchedule(phases, len(loader)), batches, loss_fn, leg_config,
             on_epoch=(lambda r, tagged=tagged: on_epoch(tagged(r))) if on_epoch else None)]
-    export_generator(model.cpu(), config.arch, scale, Path(checkpoint_dir) / MODEL_FILE)
+    export_generator(model.cpu(), config.arch, scale, Path(checkpoint_dir) / MODEL_FILE, encoder=config.encoder)
     return model, history
 
 
-def progressive_phases(sizes: Sequence[tuple[int, int]], epochs: int, lr: float, *,
-                       unfrozen_encoder_scale: float = 0.01) -> tuple[Phase, ...]:
-    """Lesson 7's schedule for each (high-res size, batch size), smallest first: a 1cycle with the
-    encoder frozen (pct_start 0.9), then one unfrozen with discriminative learning rates (the
-    encoder at ``unfrozen_encoder_scale`` of lr/5)."""
+def lesson_phases(epochs: int, lr: float, *, second_size: bool = False, **data) -> list[Phase]:
+    """Lesson 7's two steps at one size (``do_fit`` = ``fit_one_cycle(epochs, lrs, pct_start=0.9)``):
+    encoder frozen at ``slice(lr)``, then unfrozen at ``slice(lr/100, lr)`` over the three layer groups
+    (1e-5, 1e-4, 1e-3 for the lesson's lr = 1e-3). At the second, larger size the lesson ends with
+    ``slice(1e-6, 1e-4)`` and pct_start 0.3: ``second_size`` does that, relative to ``lr``."""
+    frozen = [replace(p, group_scales=FROZEN) for p in one_cycle(epochs, lr, pct_start=0.9, **data)]
+    top, pct = (lr / 10, 0.3) if second_size else (lr, 0.9)
+    unfrozen = [replace(p, group_scales=UNFROZEN) for p in one_cycle(epochs, top, pct_start=pct, **data)]
+    return frozen + unfrozen
+
+
+def progressive_phases(sizes: Sequence[tuple[int, int]], epochs: int, lr: float) -> tuple[Phase, ...]:
+    """Lesson 7's schedule for each (high-res size, batch size), smallest first: ``lesson_phases`` at
+    each size (frozen, then unfrozen; the later sizes as the lesson's second)."""
     phases: list[Phase] = []
-    for size, batch in sizes:
-        data = {"image_size": size, "batch_size": batch}
-        phases += [replace(p, group_scales=(0.0, 1.0)) for p in one_cycle(epochs, lr, pct_start=0.9, **data)]
-        phases += [replace(p, group_scales=(unfrozen_encoder_scale, 1.0)) for p in one_cycle(epochs, lr / 5, **data)]
+    for i, (size, batch) in enumerate(sizes):
+        phases += lesson_phases(epochs, lr, second_size=i > 0, image_size=size, batch_size=batch)
     return tuple(phases)
 
 
@@ -204,14 +239,15 @@ def evaluate_superres(model: torch.nn.Module, low_store: str | Path, high_store:
 def load_generator(checkpoint: str | Path) -> torch.nn.Module:
     """A generator exported by ``train_superres`` (``model.pt``, or the folder holding it)."""
     state, meta, _ = load_export(checkpoint, "superres", "generator")
-    model = make_generator(meta["arch"], meta["scale"], pretrained=False)
+    model = make_generator(meta["arch"], meta["scale"], encoder=meta.get("encoder") or "resnet34", pretrained=False,
+                           announce=False)  # the saved weights are loaded next
     model.load_state_dict(state["model"])
     return model.eval()
 
 
-def export_generator(model: torch.nn.Module, arch: str, scale: int, out: Path) -> Path:
-    """Weights + (arch, scale): enough to rebuild the generators ``make_generator`` makes (default sizes)."""
-    save_checkpoint(out, model=model.state_dict(), superres={"arch": arch, "scale": scale})
+def export_generator(model: torch.nn.Module, arch: str, scale: int, out: Path, *, encoder: str = "") -> Path:
+    """Weights + (arch, scale, encoder): enough to rebuild the generator ``make_generator`` made."""
+    save_checkpoint(out, model=model.state_dict(), superres={"arch": arch, "scale": scale, "encoder": encoder})
     return out
 
 
@@ -265,12 +301,14 @@ def superres_plan(*, arch: str = "unet", loss: str = "feature", high_size: int =
     if progressive_from:
         sizes.insert(0, (progressive_from, progressive_from * low_size // high_size,
                          small_batch_size or 2 * batch_size))
-    if progressive_from:
+    if arch == "johnson":  # nothing pretrained to freeze: one 1cycle per size
+        phases = tuple(p for high, _, batch in sizes
+                       for p in one_cycle(epochs, lr, image_size=high if progressive_from else None,
+                                          batch_size=batch if progressive_from else None))
+    elif progressive_from:
         phases = progressive_phases([(high, batch) for high, _, batch in sizes], epochs, lr)
-    elif arch == "johnson":
-        phases = tuple(one_cycle(epochs, lr))
-    else:  # the U-Net's [encoder, rest] groups: the pretrained encoder learns at 1/10 of the rate
-        phases = tuple(replace(p, group_scales=(0.1, 1.0)) for p in one_cycle(epochs, lr))
+    else:  # the lesson's first two steps: encoder frozen, then unfrozen at discriminative rates
+        phases = tuple(lesson_phases(epochs, lr))
     config = SuperResConfig(arch=arch, loss=loss, batch_size=batch_size, phases=phases, pretrained=pretrained,
                             seed=seed)
     return [(high, low) for high, low, _ in sizes], config
@@ -310,7 +348,7 @@ class SuperResStage(StageSpec):
     size's held-out split against bicubic. Resumes inside the leg a crash interrupted."""
 
     name = "superres"
-    version = 1
+    version = 2  # 2: pretrained encoder/loss network required, lesson phases, pair augmentation
     retries = 1  # a second try resumes from the last checkpoint
     pairs: tuple[str, ...] = upstream()  # crappify stage directories
     config: SuperResConfig = SuperResConfig()
@@ -333,7 +371,8 @@ class SuperResStage(StageSpec):
             images = 0
             log.warning("superres: %s has no val store: the model is not evaluated", self.pairs[-1])
         return {"epochs": len(history), "final_loss": history[-1]["loss"], "model": MODEL_FILE, "evaluation": means,
-                "evaluated_images": images}
+                "evaluated_images": images, "encoder": config.encoder, "loss_network": config.loss_network,
+                "weights": json.loads((out / WEIGHTS_FILE).read_text())}
 
     def summarize(self, stage: StageDir, report: Reporter) -> None:
         m = stage.manifest()

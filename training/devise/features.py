@@ -14,7 +14,7 @@ import torch
 
 from models.blocks import ConcatPool
 from models.data import store_batches
-from models.devise import classification_backbones, make_body
+from models.devise import make_body, resolve_backbone
 from models.train import autocast, default_device, save_checkpoint, seed_everything
 from storage.atomic import atomic_path
 from storage.catalog import image_stores
@@ -26,20 +26,21 @@ log = logging.getLogger(__name__)
 
 FEATURE_CHUNK_ROWS = 256
 BODY_FILE = "body.pt"
+CLASSIFIER_FILE = "classifier.pt"  # the backbone's ImageNet-1k linear classifier on the average-pooled features
 
 
 @dataclass(frozen=True)
 class FeaturesConfig:
-    backbone: str = "resnet50"
-    pretrained: bool = True
+    backbone: str = "auto"  # auto: the best with pretrained weights here (a local ResNet-50, else EfficientNet-Lite)
+    pretrained: bool = True  # False: random weights, asked for explicitly (--no-pretrained)
     flips: bool = True  # also the features of each image flipped left-right (training picks one per step)
     batch_size: int = 64
     seed: int = 0  # a from-scratch body's initial weights
 
     def __post_init__(self) -> None:
-        if self.backbone not in classification_backbones():
-            raise ValueError(f"unknown backbone {self.backbone!r}; choose a torchvision classification model, "
-                             "e.g. resnet18, resnet50, convnext_tiny, efficientnet_b0")
+        # "auto" is resolved here, so the stage key names the backbone actually used
+        random_auto = self.backbone == "auto" and not self.pretrained  # random weights: the bundled architecture
+        object.__setattr__(self, "backbone", "efficientnet_lite0" if random_auto else resolve_backbone(self.backbone))
         if self.batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
 
@@ -75,7 +76,7 @@ class FeaturesStage(StageSpec):
     """Pooled activations of every split of a resize stage, plus the (frozen) body's weights."""
 
     name = "devise-features"
-    version = 1
+    version = 2  # 2: pretrained weights required (recorded), the ImageNet classifier kept for ConSE
     retries = 1
     resize: str = upstream()
     config: FeaturesConfig = FeaturesConfig()
@@ -85,18 +86,21 @@ class FeaturesStage(StageSpec):
         config, start = self.config, time.perf_counter()
         device = default_device(self.device)
         seed_everything(config.seed)
-        body, channels, loaded = make_body(config.backbone, pretrained=config.pretrained)
+        body = make_body(config.backbone, pretrained=config.pretrained)
         # the body is saved whatever its origin: a from-scratch body's random weights are part of the model
-        save_checkpoint(out / BODY_FILE, body=body.state_dict())
+        save_checkpoint(out / BODY_FILE, body=body.module.state_dict())
+        classifier = None
+        if body.classifier is not None and body.source is not None:  # ImageNet-1k logits for ConSE
+            save_checkpoint(out / CLASSIFIER_FILE, weight=body.classifier.weight.detach(),
+                            bias=body.classifier.bias.detach())
+            classifier = CLASSIFIER_FILE
         stores = image_stores(self.resize)
-        counts = {split: compute_features(body, channels, store, out / f"{split}.h5", flips=config.flips,
+        counts = {split: compute_features(body.module, body.channels, store, out / f"{split}.h5", flips=config.flips,
                                           batch_size=config.batch_size, device=device)
                   for split, store in stores.items()}
         with open_store(next(iter(stores.values()))) as f:
             size = int(f["images"].shape[1])
-        if config.pretrained and not loaded:
-            log.warning("DeViSE features come from a backbone trained FROM SCRATCH (no local weights): "
-                        "expect low accuracy")
-        return {"backbone": config.backbone, "pretrained_loaded": bool(loaded), "features": 2 * channels,
-                "views": 2 if config.flips else 1, "counts": counts, "image_size": size,
+        return {"backbone": config.backbone, "weights": body.source.record() if body.source else None,
+                "pretrained_loaded": body.source is not None, "features": 2 * body.channels,
+                "classifier": classifier, "views": 2 if config.flips else 1, "counts": counts, "image_size": size,
                 "resize_dir": str(self.resize), "device": device, "elapsed_s": round(time.perf_counter() - start, 2)}

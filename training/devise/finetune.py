@@ -107,7 +107,8 @@ class FinetuneStage(StageSpec):
         export_devise(out / MODEL_FILE, model, classes=classes, image_size=meta["image_size"],
                       words_dir=dm["words_dir"])
         atomic_write_json(out / "metrics.json", {"hits": metrics, "history": history})
-        return {"mode": "finetune", "metrics": metrics, "classes": dm["classes"], "model": MODEL_FILE,
+        return {"mode": "finetune", "metrics": metrics, "classes": dm["classes"], "backbone": dm.get("backbone"),
+                "backbone_weights": dm.get("backbone_weights"), "model": MODEL_FILE,
                 "embeddings": EMBEDDINGS_FILE, "final_loss": history[-1]["loss"], "resize_dir": dm["resize_dir"],
                 "words_dir": dm["words_dir"]}
 

@@ -23,7 +23,8 @@ from storage.report import Reporter, epoch_table
 from storage.stage import StageDir, StageSpec, open_stage, runtime, upstream
 from storage.words import WordTable
 from training.devise.classes import ClassPlan, fit_batch_size, plan_classes
-from training.devise.evaluate import evaluate_devise, publish_hits
+from training.devise.conse import class_vectors, conse_embed, feature_logits
+from training.devise.evaluate import evaluate_devise, publish_hits, zero_shot_classes
 from training.devise.export import export_devise
 from training.devise.features import BODY_FILE
 
@@ -99,7 +100,7 @@ class DeviseStage(StageSpec):
     """Train the head (and the softmax baseline) on precomputed features; export; embed; evaluate."""
 
     name = "devise"
-    version = 1
+    version = 2  # 2: ConSE and the ImageNet classifier in the table; 21k zero-shot candidates
     retries = 1  # a second try resumes from the last checkpoint
     features: str = upstream()
     words: str = upstream()
@@ -122,7 +123,15 @@ class DeviseStage(StageSpec):
             sm_head, softmax_history = train_head(features_dir, plan, vectors, config, out / "softmax",
                                                   softmax=True, device=self.device)
             softmax_logits = apply_head(sm_head, features_dir / "val.h5")
-        metrics = evaluate_devise(embeddings, plan, table, softmax_logits=softmax_logits)
+        conse = classifier_logits = None
+        if fm.get("classifier"):  # a pretrained ImageNet classifier: its own baseline, and ConSE
+            logits = {s: (feature_logits(features_dir, s), labels) for s, (_, labels) in embeddings.items()}
+            class_vecs, has_vector = class_vectors(table)
+            conse = {s: (conse_embed(lg, class_vecs, has_vector), labels) for s, (lg, labels) in logits.items()}
+            classifier_logits = logits.get("val")
+        metrics = evaluate_devise(embeddings, plan, table, softmax_logits=softmax_logits, conse=conse,
+                                  classifier_logits=classifier_logits)
+        held_out = zero_shot_classes(embeddings, plan, table, conse=conse)
         # the whole model: the features stage's body + this head
         model = Devise(DeviseConfig(backbone=fm["backbone"], dims=table.dims, hidden=config.hidden,
                                     dropout=config.dropout, pretrained=False))
@@ -132,8 +141,10 @@ class DeviseStage(StageSpec):
                       words_dir=self.words)
         atomic_write_json(out / "metrics.json", {"hits": metrics, "history": history,
                                                  "softmax_history": softmax_history, "classes": plan.rows()})
-        return {"mode": "features", "metrics": metrics, "classes": plan.rows(),
-                "pretrained_backbone": fm["pretrained_loaded"], "model": MODEL_FILE, "embeddings": EMBEDDINGS_FILE,
+        return {"mode": "features", "metrics": metrics, "zero_shot_classes": held_out, "classes": plan.rows(),
+                "backbone": fm["backbone"],
+                "backbone_weights": fm["weights"], "pretrained_backbone": fm["pretrained_loaded"],
+                "model": MODEL_FILE, "embeddings": EMBEDDINGS_FILE,
                 "final_loss": history[-1]["loss"], "resize_dir": fm["resize_dir"], "words_dir": str(self.words)}
 
     def summarize(self, stage: StageDir, report: Reporter) -> None:
