@@ -262,6 +262,8 @@ def _cmd_search(args: argparse.Namespace) -> int:
         raise UsageError("--text is empty; give words to search for, e.g. --text \"jumbo jet\"")
     if args.image is not None:
         _read_image(args.image)  # a missing or unreadable file is named before the index loads
+        if args.index is None and not _has_finished("devise-index"):
+            return _conse_search(args)
     search = DeviseSearch(_finished_stage(args.index, "devise-index", "--index"))
     if args.text is not None:
         hits = search.images_for_text(args.text, k=args.k)
@@ -282,6 +284,29 @@ def _cmd_search(args: argparse.Namespace) -> int:
     return 0
 
 
+def _has_finished(stage: str) -> bool:
+    try:
+        _latest_stage(stage)
+        return True
+    except UsageError:
+        return False
+
+
+def _conse_search(args: argparse.Namespace) -> int:
+    """No DeViSE model yet: name the image with ConSE (the pretrained classifier + word vectors)."""
+    from storage.words import WordTable
+    from training.devise.conse import ConseImages
+
+    conse = ConseImages(WordTable(_latest_stage("embeddings")))
+    vector = conse.embed_image(args.image)
+    print(f"(no DeViSE index yet: ConSE on {conse.backbone}'s ImageNet classifier, no training)")
+    for vocabulary in ("imagenet", "wordnet"):
+        print(f"nearest {'ImageNet classes' if vocabulary == 'imagenet' else 'WordNet nouns'} to {args.image}:")
+        for wnid, words, score in conse.table.nearest_words(vector, k=args.k, vocabulary=vocabulary):
+            print(f"  {score:.3f}  {wnid}  {words}")
+    return 0
+
+
 def _cmd_server(args: argparse.Namespace) -> int:
     from imagesmith.server import api_url, is_healthy, start_server, stop_server
 
@@ -299,15 +324,26 @@ def _cmd_server(args: argparse.Namespace) -> int:
 def _cmd_demo(args: argparse.Namespace) -> int:
     from imagesmith.server import start_server
 
-    _check_pipeline_args(args)
     url, started = start_server(port=args.port)
     print(f"prefect server {'started' if started else 'already running'} at {url}")
     # in the environment, not only in this process's settings: shard tasks run in child processes
     # that must report to the same server (otherwise each starts a server-less one of its own)
     os.environ["PREFECT_API_URL"] = url
-    outputs = _run_pipeline(args)
-    _print_outputs(outputs)
-    print(f"\nPrefect UI: {url.removesuffix('/api')}  (flow runs, task runs, logs and artifacts)")
+    from flows.demo import demo
+    from storage.stage import open_stage
+    from training.devise.evaluate import format_hits
+
+    outputs = demo(seed=args.seed, refresh=args.refresh, wait=not args.no_wait)
+    _print_outputs({k: v for k, v in outputs.items() if k in ("dataset", "listing", "resize", "crappify", "words")})
+    m = open_stage(outputs["devise"]).manifest()
+    print(f"\nDeViSE on {m['backbone']} ({(m['backbone_weights'] or {}).get('detail', 'random weights')}):")
+    print(format_hits(m["metrics"]))
+    print("\nclasses never trained on (rank of their name among the ImageNet-21k classes; nearest WordNet nouns):")
+    for r in m["zero_shot_classes"]:
+        print(f"  {r['class']:<12} DeViSE {r['rank_21k']:>6} / {r['of']}   ConSE {r.get('conse_rank_21k', '-')!s:>6}"
+              f"   {r['nearest_nouns']}")
+    print(f"\nsearch index: {outputs['devise-index']}  (imagesmith search --text \"horse\"; --image photo.jpg)")
+    print(f"Prefect UI: {url.removesuffix('/api')}  (flow runs, task runs, logs and artifacts)")
     print("stop the server with: make stop-server")
     return 0
 
@@ -341,20 +377,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--val-per-class", type=_int_in(0), default=10)
     p.set_defaults(func=_cmd_sample)
 
-    for name, func, text in (
-        ("run", _cmd_run, "run the pipeline flow (against PREFECT_API_URL, or ephemeral when unset)"),
-        ("demo", _cmd_demo, "start a local Prefect server if none runs, then run the pipeline on the sample"),
-    ):
-        p = sub.add_parser(name, help=text)
-        _add_run_options(p)
-        p.add_argument("--size", type=_int_in(*SIZE_RANGE), default=224, help="square side of the HDF5 image stores")
-        p.add_argument("--dask-address", help="run resize shards on this Dask scheduler (tcp://host:8786)")
-        p.add_argument("--crappifier", default="jpeg_text" if name == "demo" else None, choices=CRAPPIFIERS,
-                       help="add the aligned low-quality store (stage 4) made by this crappifier"
-                            + (" (default: jpeg_text, the lesson's)" if name == "demo" else ""))
-        if name == "demo":
-            p.add_argument("--port", type=_int_in(1, 65535), default=4200)
-        p.set_defaults(func=func)
+    p = sub.add_parser("run", help="run the pipeline flow (against PREFECT_API_URL, or ephemeral when unset)")
+    _add_run_options(p)
+    p.add_argument("--size", type=_int_in(*SIZE_RANGE), default=224, help="square side of the HDF5 image stores")
+    p.add_argument("--dask-address", help="run resize shards on this Dask scheduler (tcp://host:8786)")
+    p.add_argument("--crappifier", choices=CRAPPIFIERS,
+                   help="add the aligned low-quality store (stage 4) made by this crappifier")
+    p.set_defaults(func=_cmd_run)
+
+    p = sub.add_parser("demo", help="start a local Prefect server if none runs, then run the pipeline and DeViSE "
+                                    "on the bundled sample")
+    p.add_argument("--seed", type=_int_in(0), default=0, help="shuffle (and initial weights) seed")
+    p.add_argument("--refresh", action="store_true", help="rerun cached tasks")
+    p.add_argument("--no-wait", action="store_true", help="fail at once (exit 75) when another run builds a stage")
+    p.add_argument("--port", type=_int_in(1, 65535), default=4200)
+    p.set_defaults(func=_cmd_demo)
 
     p = sub.add_parser("words", help="nearest ImageNet classes or WordNet nouns to a text, by word vectors")
     p.add_argument("text")
@@ -392,7 +429,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ann-above", type=_int_in(0), default=100_000, help="use an HNSW index above this many images")
     p.set_defaults(func=_cmd_devise)
 
-    p = sub.add_parser("search", help="DeViSE search: text -> images, or image -> words and images")
+    p = sub.add_parser("search", help="DeViSE search: text -> images, or image -> words and images "
+                                      "(before any DeViSE run: image -> words by ConSE)")
     what = p.add_mutually_exclusive_group(required=True)
     what.add_argument("--text", help='words to find images of, e.g. "jumbo jet"')
     what.add_argument("--image", help="an image file to name and find similar images to")

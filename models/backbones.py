@@ -249,12 +249,13 @@ class LossNetwork:
 
 
 # Divisors of the Caffe VGG19's activations at layers 17, 26, 35 (relu3_4, relu4_4, relu5_4: means
-# 615, 66 and 1.4 on the sample photos at 128 px, where VGG16-bn's batch-normalised ones are O(1)).
-# Chosen so that a bicubic x4 upsampling of the sample photos (where training starts) scores each
-# feature term 0.2-0.35 with the lesson's weights (5, 15, 2), the size of the pixel term, and the
-# gram terms (x5e3) 0.7-3: measured raw L1 distances 327, 46.7, 1.57 (features) and 982, 6.67,
-# 0.0083 (grams). Without them the first layer's gram term is ~1e8 and drowns every other term.
-VGG19_CAFFE_SCALES = (6500.0, 2000.0, 16.0)
+# 615, 66 and 1.4 on the sample photos at 128 px, heavy-tailed per channel, where VGG16-bn's
+# batch-normalised ones are O(1)). The rule: on a bicubic x4 upsampling of the sample photos (where
+# training starts) each layer's feature term equals its gram term under the lesson's weights (5, 15,
+# 2; gram x5e3): s = w * 5e3 * L1(grams) / L1(features), measured raw L1 distances 327, 46.7, 1.57
+# (features) and 982, 6.67, 0.0083 (grams). Each term then starts at 0.02-0.07 beside a pixel term
+# of 0.19. Without them the first layer's gram term is ~1e8 and drowns every other term.
+VGG19_CAFFE_SCALES = (75000.0, 10700.0, 53.0)
 
 
 def build_loss_network(name: str, *, pretrained: bool = True) -> LossNetwork:

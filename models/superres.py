@@ -50,7 +50,7 @@ class DynamicUnet(nn.Module):
     """
 
     def __init__(self, encoder: str = "resnet34", *, pretrained: bool = True, self_attention: bool = True,
-                 blur: bool = True, y_range: tuple[float, float] = (-3.0, 3.0), announce: bool = True):
+                 blur: bool = True, y_range: tuple[float, float] | None = (-3.0, 3.0), announce: bool = True):
         super().__init__()
         self.encoder, self.weights = build_pyramid(encoder, pretrained=pretrained, announce=announce)
         channels = self.encoder.channels  # strides 2, 4, 8, 16, 32
@@ -65,7 +65,13 @@ class DynamicUnet(nn.Module):
         self.decoder = nn.ModuleList(blocks)
         self.up_final = PixelShuffleUp(up, up, blur=blur, weight_normed=True)  # /2 -> /1
         self.res = ResBlock(up + 3, norm_layer=None, weight_normed=True)
-        self.head = nn.Sequential(nn.Conv2d(up + 3, 3, 1), SigmoidRange(*y_range))
+        # y_range: the lesson's sigmoid range on the output; None: the output is a correction added to
+        # the input (its last conv starts at zero, so the network starts as the identity)
+        self.residual = y_range is None
+        self.head = nn.Sequential(nn.Conv2d(up + 3, 3, 1), nn.Identity() if self.residual else SigmoidRange(*y_range))
+        if self.residual:
+            nn.init.zeros_(self.head[0].weight)
+            nn.init.zeros_(self.head[0].bias)
 
     def layer_groups(self) -> list[list[nn.Parameter]]:
         """Three groups for discriminative learning rates (fastai splits a ResNet-34 U-Net before
@@ -84,22 +90,30 @@ class DynamicUnet(nn.Module):
         y = self.up_final(y)
         if y.shape[-2:] != x.shape[-2:]:
             y = F.interpolate(y, x.shape[-2:], mode="nearest")
-        return self.head(self.res(torch.cat([y, x], dim=1)))
+        out = self.head(self.res(torch.cat([y, x], dim=1)))
+        return x + out if self.residual else out
 
 
 class UnetUpscaler(nn.Module):
-    """Low-res [0, 1] -> bicubic x``scale`` -> U-Net -> high-res [0, 1] (predicted in normalised space)."""
+    """Low-res [0, 1] -> bicubic x``scale`` -> U-Net -> high-res [0, 1].
+
+    The U-Net predicts a correction of the bicubic upsampling (in normalised space), starting at
+    zero: the generator begins as bicubic and training can only be measured against it. (The
+    lesson's U-Net predicts the image through a sigmoid range instead; a correction learns in far
+    fewer steps, which a CPU run needs.) The output is clamped to [0, 1] only in eval mode: in
+    training a clamp would zero the gradient of every pixel outside the range.
+    """
 
     def __init__(self, scale: float, **unet_kwargs):
         super().__init__()
         self.scale = scale
-        self.unet = DynamicUnet(**unet_kwargs)
+        self.unet = DynamicUnet(y_range=None, **unet_kwargs)
 
     def forward(self, low):
         up = F.interpolate(low, scale_factor=self.scale, mode="bicubic", align_corners=False)
         mean, std = IMAGENET_MEAN.to(low.device, low.dtype), IMAGENET_STD.to(low.device, low.dtype)
-        out = self.unet((up - mean) / std)
-        return (out * std + mean).clamp(0, 1)
+        out = self.unet((up - mean) / std) * std + mean
+        return out if self.training else out.clamp(0, 1)
 
 
 class JohnsonNet(nn.Module):

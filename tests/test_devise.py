@@ -14,7 +14,7 @@ from models.data import ChunkShuffleStream, to_float_nchw
 from models.devise import Devise, DeviseConfig, make_body
 from models.losses import LabelVectorLoss, cosine_loss
 from models.metrics import hit_at_k
-from prep.sample import SAMPLE_PHOTOS
+from prep.sample import SAMPLE_PHOTOS, photo_path
 from prep.wordnet import imagenet_wnids
 from storage.catalog import store_classes
 from storage.hdf5 import open_store
@@ -262,3 +262,28 @@ def test_head_training_resumes_after_a_crash_to_the_same_model(run, word_table, 
     b, _ = load_devise(resumed.path)
     for (name, x), y in zip(a.state_dict().items(), b.state_dict().values()):
         assert torch.equal(x, y), name
+
+
+def test_conse_weights_the_top_classes_word_vectors_by_their_probabilities():
+    from training.devise.conse import conse_embed
+
+    vectors = np.eye(4, dtype=np.float32)  # class i's word vector is the i-th axis
+    has = np.array([True, True, False, True])  # class 2 has no vector: it cannot vote
+    logits = np.log(np.array([[0.1, 0.5, 0.3, 0.1]], dtype=np.float32))
+    out = conse_embed(logits, vectors, has, top=2)  # the top 2 with vectors: classes 1 (0.5), 0 or 3 (0.1)
+    assert out.shape == (1, 4) and out[0, 2] == 0 and out[0, 1] > 0
+    expected = np.array([0.1, 0.5, 0, 0], np.float32) if out[0, 0] > 0 else np.array([0, 0.5, 0, 0.1], np.float32)
+    np.testing.assert_allclose(out[0], expected / np.linalg.norm(expected), rtol=1e-5)
+
+
+def test_the_features_manifest_records_the_weights_and_conse_names_unseen_photos(run, word_table):
+    from models.weights import find_weights
+    from storage.stage import open_stage
+    from training.devise.conse import ConseImages
+
+    weights = open_stage(run["features"]).manifest()["weights"]
+    packaged = find_weights("efficientnet_lite0")
+    assert weights["origin"] == "package" and weights["sha256"] == packaged.sha256
+    conse = ConseImages(word_table, "efficientnet_lite0")
+    coffee = conse.embed_image(photo_path(next(p for p in SAMPLE_PHOTOS if p.wnid == ESPRESSO)))
+    assert word_table.nearest_words(coffee, 1)[0][0] == ESPRESSO

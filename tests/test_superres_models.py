@@ -88,3 +88,25 @@ def test_psnr_and_ssim_known_values():
     assert float(psnr(torch.zeros(1, 3, 8, 8), torch.full((1, 3, 8, 8), 0.1))) == pytest.approx(20.0)
     assert torch.allclose(ssim(x, x), torch.ones(3))
     assert (ssim(x, noisy) < 1).all() and (ssim(x, torch.rand_like(x)) < 0.1).all()
+
+
+def test_pair_augmentation_moves_input_and_target_alike():
+    from torch.nn import functional as F
+
+    from models.augment import PairAugment
+
+    # a smooth picture at two resolutions: the low one is the high one averaged 4 x 4
+    yy, xx = torch.meshgrid(torch.linspace(0, 1, 64), torch.linspace(0, 1, 64), indexing="ij")
+    high = torch.stack([torch.sin(3 * xx + 1), torch.cos(2 * yy), xx * yy]).unsqueeze(0).repeat(6, 1, 1, 1)
+    low = F.avg_pool2d(high, 4)
+    aug = PairAugment(max_zoom=2.0, flip=0.5)
+    a_low, a_high = aug(low, high, torch.Generator().manual_seed(3))
+    assert a_low.shape == low.shape and a_high.shape == high.shape
+    assert not torch.allclose(a_high, high, atol=1e-2)  # something moved
+    # the same window of the same picture: averaging the augmented target gives the augmented input
+    assert (F.avg_pool2d(a_high, 4) - a_low).abs().max() < 0.03
+    other_low, _ = aug(low, high, torch.Generator().manual_seed(4))  # another draw: another window
+    assert (F.avg_pool2d(a_high, 4) - other_low).abs().max() > 0.1
+    plain = PairAugment(max_zoom=1.0, flip=1.0)  # zoom 1 with a flip: exactly the mirror images
+    f_low, f_high = plain(low, high, torch.Generator().manual_seed(0))
+    assert torch.allclose(f_low, low.flip(3), atol=1e-5) and torch.allclose(f_high, high.flip(3), atol=1e-5)

@@ -31,7 +31,7 @@ CASES = {
     "source without train/": (["run", "--source", "{t}/no-train"], r"has no train/ folder"),
     "size 0": (["run", "--size", "0"], r"argument --size: 0 is out of range; use a number between 8 and 4096"),
     "size -5": (["run", "--size", "-5"], r"-5 is out of range; use a number between 8 and 4096"),
-    "size 100000": (["demo", "--size", "100000"], r"100000 is out of range"),
+    "size 100000": (["run", "--size", "100000"], r"100000 is out of range"),
     "size not a number": (["run", "--size", "big"], r"'big' is not a whole number"),
     "missing word vectors": (["run", "--word-vectors", "{t}/GoogleNews.bin"], r"word vectors not found at"),
     "unknown crappifier": (["run", "--crappifier", "blur"], r"invalid choice: 'blur'"),
