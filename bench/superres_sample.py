@@ -6,7 +6,7 @@ crappified versions at --low px, trains a generator with lesson 7's phases (enco
 unfrozen at discriminative rates; 1cycle each; pair augmentation), and evaluates it on the val split.
 
 usage: python bench/superres_sample.py [--arch unet] [--loss feature] [--high 64] [--low 32]
-           [--crappifier downscale] [--epochs 4] [--lr 1e-3] [--batch 8]
+           [--crappifier jpeg_text] [--epochs 4] [--lr 1e-3] [--batch 8]
 Ends with: RESULT psnr_model=... psnr_bicubic=... ssim_model=... ssim_bicubic=... encoder=... loss_net=... train_s=...
 """
 
@@ -37,7 +37,7 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=4, help="per step: frozen, then unfrozen (unet)")
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--batch", type=int, default=8)
-    ap.add_argument("--crappifier", default="downscale")
+    ap.add_argument("--crappifier", default="jpeg_text")
     ap.add_argument("--high", type=int, default=64)
     ap.add_argument("--low", type=int, default=32)
     ap.add_argument("--workers", type=int, default=0, help="loader processes (0: in the training process)")

@@ -22,7 +22,8 @@ def test_resize_shards_run_on_dask_workers_and_match_a_local_run(prefect_server,
     with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as cluster:
         results = run_shards(spec, tiers, shards, dask_address=cluster.scheduler_address)
     workers = {r["worker"] for r in results}
-    assert len(results) == len(shards) == 9  # 33 train in 6 shards + 14 val in 3
+    rows = spec.split_rows()
+    assert len(results) == len(shards) == sum(-(-n // 6) for n in rows.values())  # 6 images a shard
     assert len(workers) == 2 and all(not w.endswith(f":{os.getpid()}") for w in workers)
     stage = run_stage(tiers, spec, build=lambda out, report: spec.join(out, shards))
 

@@ -27,7 +27,7 @@ def test_blocks_keep_shapes_and_attention_starts_as_identity():
 
 @pytest.mark.parametrize("arch,size", [("unet", 24), ("johnson", 24), ("unet", 19)])
 def test_generators_upscale_by_four_into_unit_range(arch, size):
-    model = make_generator(arch, 4, pretrained=False)
+    model = make_generator(arch, 4, pretrained=False).eval()
     with torch.no_grad():
         y = model(torch.rand(2, 3, size, size))
     assert y.shape == (2, 3, 4 * size, 4 * size) and 0 <= float(y.min()) and float(y.max()) <= 1
@@ -110,3 +110,19 @@ def test_pair_augmentation_moves_input_and_target_alike():
     plain = PairAugment(max_zoom=1.0, flip=1.0)  # zoom 1 with a flip: exactly the mirror images
     f_low, f_high = plain(low, high, torch.Generator().manual_seed(0))
     assert torch.allclose(f_low, low.flip(3), atol=1e-5) and torch.allclose(f_high, high.flip(3), atol=1e-5)
+
+
+def test_the_unet_starts_as_bicubic_and_a_saturated_pixel_still_gets_a_gradient():
+    from torch.nn import functional as F
+
+    model = make_generator("unet", 2, encoder="efficientnet_lite0", pretrained=False)
+    low = torch.rand(2, 3, 32, 32)
+    bicubic = F.interpolate(low, scale_factor=2, mode="bicubic", align_corners=False)
+    assert torch.allclose(model.eval()(low), bicubic.clamp(0, 1), atol=1e-5)  # a correction that starts at 0
+    with torch.no_grad():
+        model.unet.head[0].bias.fill_(10.0)  # push every output far above 1 (10 std of the normalised range)
+    out = model.train()(low)
+    assert out.min() > 1  # not clamped while training
+    F.mse_loss(out, torch.ones_like(out)).backward()
+    assert model.unet.head[0].bias.grad.abs().min() > 0  # a target inside the range still pulls it back
+    assert float(model.eval()(low).max()) == 1.0  # clamped when evaluating

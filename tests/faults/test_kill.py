@@ -64,9 +64,9 @@ def test_sample_stage_killed_mid_build_is_redone_identically(tmp_path):
 
 @pytest.fixture(scope="module")
 def big_listing(tmp_path_factory):
-    """A listing of 210 real images (30 per class): enough work for a kill to land mid-stage."""
+    """A listing of 210 real images (14 per class): enough work for a kill to land mid-stage."""
     root = tmp_path_factory.mktemp("big")
-    build_sample(root / "ds", seed=2, train_per_class=30, val_per_class=0, plant_bad_inputs=False)
+    build_sample(root / "ds", seed=2, train_per_class=14, val_per_class=0, plant_bad_inputs=False)
     return run_listing(_tiers(root, "shared"), root / "ds")
 
 
