@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from models.schedule import Phase, PhaseSchedule
-from models.train import TrainConfig, train
+from models.train import ModelStep, TrainConfig, train
 from storage.hdf5 import ShardWriter
 
 
@@ -81,7 +81,8 @@ def timed_training(model: torch.nn.Module, optimizer: torch.optim.Optimizer, los
         torch.cuda.reset_peak_memory_stats()
     with tempfile.TemporaryDirectory() as tmp:
         config = TrainConfig(checkpoint_dir=Path(tmp), device=str(device), progress=False)
-        train(model, optimizer, PhaseSchedule([Phase(1, 1e-4)], steps), timed, loss_fn, config, resume=False)
+        train(ModelStep(model, optimizer, loss_fn), PhaseSchedule([Phase(1, 1e-4)], steps), timed, config,
+              resume=False)
     wall = state["t1"] - state["t0"]
     peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else float("nan")
     return Timing((steps - warmup) * batch_size / wall, state["wait"] / wall, peak)

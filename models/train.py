@@ -1,12 +1,15 @@
 """The one training loop every trainer shares: phases, checkpoints, exact resume.
 
-``train(...)`` runs a ``PhaseSchedule`` (models/schedule.py) over the batches a caller provides
-per epoch, sets each parameter group's learning rate (times its ``lr_scale``: discriminative
-learning rates) and momentum every step, logs every loss term, and checkpoints
-``{model, optimizer, step, epoch, RNG states, partial epoch sums, history, config}`` atomically
-at the end of each epoch and every ``checkpoint_every`` steps. Resuming restores all of it and
-skips the batches of the interrupted epoch already taken, so an interrupted run ends with the
-same weights as an uninterrupted one (deterministic settings on CPU).
+``train(step, ...)`` runs a ``PhaseSchedule`` (models/schedule.py) over the batches a caller
+provides per epoch. What happens to one batch is a ``TrainingStep``: it owns its model(s),
+optimizer(s) and loss, and is handed the schedule's learning rate, momentum and per-group scales
+(``ModelStep``: one model, one optimizer, one loss; a GAN's step holds two models and switches
+between them). The loop owns the rest: every loss term logged (each averaged over the samples it
+was computed on), TensorBoard, and atomic checkpoints ``{the step's whole state, step, epoch, RNG
+states, partial epoch sums, history, config}`` at the end of each epoch and every
+``checkpoint_every`` steps. Resuming restores all of it and skips the batches of the interrupted
+epoch already taken, so an interrupted run ends with the same weights as an uninterrupted one
+(deterministic settings on CPU).
 
 On CUDA: bf16 autocast and channels_last. On CPU (tests): plain float32.
 """
@@ -48,7 +51,6 @@ class TrainConfig:
     device: str | None = None  # None: CUDA when available, else CPU (decided when training starts)
     bf16: bool = True  # autocast on CUDA only
     channels_last: bool = True  # CUDA only
-    grad_clip: float | None = None
     progress: bool | None = None  # a progress line on stderr; None: when stderr is a terminal
     tensorboard_dir: Path | None = None  # per-step loss/lr and per-epoch records, when set
 
@@ -136,7 +138,7 @@ def load_export(path: str | Path, kind: str, what: str) -> tuple[dict[str, Any],
     return state, state[kind], path
 
 
-def _set_hyperparameters(optimizer: torch.optim.Optimizer, lr: float, momentum: float | None,
+def set_hyperparameters(optimizer: torch.optim.Optimizer, lr: float, momentum: float | None,
                          group_scales: tuple[float, ...] | None = None) -> None:
     if group_scales is not None and len(group_scales) != len(optimizer.param_groups):
         raise ValueError(f"the phase scales {len(group_scales)} parameter groups; the optimizer has "
@@ -158,6 +160,87 @@ def _terms(out: torch.Tensor | dict[str, torch.Tensor]) -> dict[str, torch.Tenso
     return terms
 
 
+class TrainingStep:
+    """What the loop does with one batch. Subclasses own their models, optimizers and losses."""
+
+    def modules(self) -> dict[str, nn.Module]:
+        """The trained modules by name (their state goes into checkpoints under these names)."""
+        raise NotImplementedError
+
+    def optimizers(self) -> dict[str, torch.optim.Optimizer]:
+        raise NotImplementedError
+
+    def step(self, x: torch.Tensor, y: torch.Tensor, *, lr: float, momentum: float | None,
+             group_scales: tuple[float, ...] | None, device: torch.device, bf16: bool) -> dict[str, torch.Tensor]:
+        """One optimisation step on a batch (already on ``device``); returns its loss terms, one named
+        ``loss`` (terms may differ from step to step: each is averaged over the steps it appears in)."""
+        raise NotImplementedError
+
+    def extra_state(self) -> dict[str, Any]:
+        """Plain values beyond the modules and optimizers a resume needs (e.g. a GAN switcher's mode)."""
+        return {}
+
+    def load_extra_state(self, state: dict[str, Any]) -> None:
+        pass
+
+    def state_dict(self) -> dict[str, Any]:
+        return {**{k: m.state_dict() for k, m in self.modules().items()},
+                **{k: o.state_dict() for k, o in self.optimizers().items()}, "step_state": self.extra_state()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        for k, m in self.modules().items():
+            m.load_state_dict(state[k])
+        for k, o in self.optimizers().items():
+            o.load_state_dict(state[k])
+        self.load_extra_state(state.get("step_state") or {})
+
+    def to(self, device: torch.device, *, channels_last: bool = False) -> TrainingStep:
+        for m in self.modules().values():
+            m.to(device)
+            if channels_last:
+                m.to(memory_format=torch.channels_last)
+        return self
+
+    def train(self) -> TrainingStep:
+        for m in self.modules().values():
+            m.train()
+        return self
+
+    def eval(self) -> TrainingStep:
+        for m in self.modules().values():
+            m.eval()
+        return self
+
+
+class ModelStep(TrainingStep):
+    """The usual step: one model, one optimizer, one loss, one ``backward``.
+
+    ``loss_fn(model(x), y)`` returns a tensor or a dict of terms with a ``loss``. ``grad_clip``:
+    clip the gradients' total norm before the update.
+    """
+
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, loss_fn: LossFn, *,
+                 grad_clip: float | None = None):
+        self.model, self.optimizer, self.loss_fn, self.grad_clip = model, optimizer, loss_fn, grad_clip
+
+    def modules(self) -> dict[str, nn.Module]:
+        return {"model": self.model}
+
+    def optimizers(self) -> dict[str, torch.optim.Optimizer]:
+        return {"optimizer": self.optimizer}
+
+    def step(self, x, y, *, lr, momentum, group_scales, device, bf16):
+        set_hyperparameters(self.optimizer, lr, momentum, group_scales)
+        with autocast(device, bf16):
+            terms = _terms(self.loss_fn(self.model(x), y))
+        self.optimizer.zero_grad(set_to_none=True)
+        terms["loss"].backward()
+        if self.grad_clip:
+            nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip)
+        self.optimizer.step()
+        return terms
+
+
 @contextmanager
 def _tensorboard(log_dir: Path | None, step: int):
     """A SummaryWriter for ``log_dir`` (None: no writer), closed at the end.
@@ -177,8 +260,8 @@ def _tensorboard(log_dir: Path | None, step: int):
         writer.close()
 
 
-def train(model: nn.Module, optimizer: torch.optim.Optimizer, schedule: PhaseSchedule, batches: Batches,
-          loss_fn: LossFn, config: TrainConfig, *, evaluate: Callable[[nn.Module], dict[str, float]] | None = None,
+def train(step_fn: TrainingStep, schedule: PhaseSchedule, batches: Batches, config: TrainConfig, *,
+          evaluate: Callable[[TrainingStep], dict[str, float]] | None = None,
           on_epoch: Callable[[dict[str, Any]], None] | None = None, resume: bool = True,
           stop_after_steps: int | None = None) -> list[dict[str, Any]]:
     """Train to the end of ``schedule`` (or resume to it); returns one record per epoch.
@@ -190,17 +273,14 @@ def train(model: nn.Module, optimizer: torch.optim.Optimizer, schedule: PhaseSch
     device = torch.device(default_device(config.device))
     cuda = device.type == "cuda"
     progress = sys.stderr.isatty() if config.progress is None else config.progress
-    model.to(device)
-    if cuda and config.channels_last:
-        model.to(memory_format=torch.channels_last)
+    step_fn.to(device, channels_last=cuda and config.channels_last)
     ckpt = Path(config.checkpoint_dir) / CHECKPOINT
     # per loss term: its sum over the epoch's samples, and how many samples it was computed on
     # (a term may appear on some steps only, e.g. a GAN's generator and critic terms alternate)
     step, history, sums, counts = 0, [], defaultdict(float), defaultdict(int)
     if resume and ckpt.is_file():
         state = load_checkpoint(ckpt)
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
+        step_fn.load_state_dict(state)
         step, history = state["step"], state["history"]
         sums = defaultdict(float, state["epoch_sums"])
         # checkpoints written before per-term counts held one count for every term
@@ -211,7 +291,7 @@ def train(model: nn.Module, optimizer: torch.optim.Optimizer, schedule: PhaseSch
         seed_everything(config.seed)
 
     def checkpoint() -> None:
-        save_checkpoint(ckpt, model=model.state_dict(), optimizer=optimizer.state_dict(), step=step,
+        save_checkpoint(ckpt, **step_fn.state_dict(), step=step,
                         epoch=step // schedule.steps_per_epoch, rng=_rng_state(),
                         epoch_sums={k: float(v) for k, v in sums.items()}, epoch_counts=dict(counts),
                         history=history, config={**asdict(config), "checkpoint_dir": str(ckpt.parent)})
@@ -222,7 +302,7 @@ def train(model: nn.Module, optimizer: torch.optim.Optimizer, schedule: PhaseSch
             phase_index = schedule.phase_of_epoch(epoch)
             phase = schedule.phases[phase_index]
             skip = step - epoch * spe  # batches of this epoch taken before an interruption
-            model.train()
+            step_fn.train()
             start = time.perf_counter()
             taken = 0
             for i, (x, y) in enumerate(batches(epoch, phase)):
@@ -231,17 +311,11 @@ def train(model: nn.Module, optimizer: torch.optim.Optimizer, schedule: PhaseSch
                 if i < skip:
                     continue
                 at_phase, lr, momentum = schedule.at(step)  # phases may change mid-epoch (a 1cycle's warm-up)
-                _set_hyperparameters(optimizer, lr, momentum, schedule.phases[at_phase].group_scales)
                 x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
                 if cuda and config.channels_last and x.dim() == 4:
                     x = x.contiguous(memory_format=torch.channels_last)
-                with autocast(device, config.bf16):
-                    terms = _terms(loss_fn(model(x), y))
-                optimizer.zero_grad(set_to_none=True)
-                terms["loss"].backward()
-                if config.grad_clip:
-                    nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
-                optimizer.step()
+                terms = _terms(step_fn.step(x, y, lr=lr, momentum=momentum, device=device, bf16=config.bf16,
+                                            group_scales=schedule.phases[at_phase].group_scales))
                 step += 1
                 taken += 1
                 for name, value in terms.items():  # summed on the device: no host sync per step
@@ -264,9 +338,9 @@ def train(model: nn.Module, optimizer: torch.optim.Optimizer, schedule: PhaseSch
                       **{name: float(total) / max(counts[name], 1) for name, total in sums.items()},
                       "seconds": round(time.perf_counter() - start, 3)}
             if evaluate is not None:
-                model.eval()
+                step_fn.eval()
                 with torch.no_grad():
-                    record.update({f"valid_{k}": v for k, v in evaluate(model).items()})
+                    record.update({f"valid_{k}": v for k, v in evaluate(step_fn).items()})
             history.append(record)
             if writer is not None:
                 for name, value in record.items():

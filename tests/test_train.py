@@ -8,6 +8,7 @@ from torch import nn
 from models.schedule import Phase, PhaseSchedule, anneal, one_cycle, sgdr
 from models.train import (
     CHECKPOINT,
+    ModelStep,
     TrainConfig,
     default_device,
     load_checkpoint,
@@ -100,7 +101,8 @@ def _run(tmp_path, loss_fn=None, **kwargs):
     opt = torch.optim.SGD(param_groups((model.body, 0.1), (model.head, 1.0)), lr=0.1, momentum=0.9)
     schedule = PhaseSchedule([Phase(1, 0.05, momentum=0.9), Phase(2, (0.05, 0.001), "cosine")], SPE)
     config = TrainConfig(checkpoint_dir=tmp_path, checkpoint_every=3, device="cpu", progress=False)
-    history = train(model, opt, schedule, _batches(*_data()), loss_fn or nn.functional.cross_entropy, config, **kwargs)
+    history = train(ModelStep(model, opt, loss_fn or nn.functional.cross_entropy), schedule, _batches(*_data()), config,
+                    **kwargs)
     return model, opt, history
 
 
@@ -146,9 +148,10 @@ def test_finished_run_resumes_to_nothing_and_short_epochs_are_an_error(tmp_path)
     assert len(history) == 3
     model = Tiny()
     with pytest.raises(ValueError, match="epoch 0 gave 2 batches; the schedule expects 5 per epoch"):
-        train(model, torch.optim.SGD(model.parameters(), lr=0.1), PhaseSchedule([Phase(1, 0.1)], 5),
+        train(ModelStep(model, torch.optim.SGD(model.parameters(), lr=0.1), nn.functional.cross_entropy),
+              PhaseSchedule([Phase(1, 0.1)], 5),
               lambda epoch, phase: iter([(torch.randn(2, 3, 8, 8), torch.zeros(2, dtype=torch.long))] * 2),
-              nn.functional.cross_entropy, TrainConfig(checkpoint_dir=tmp_path / "x", device="cpu", progress=False))
+              TrainConfig(checkpoint_dir=tmp_path / "x", device="cpu", progress=False))
 
 
 def test_a_phase_with_group_scale_zero_freezes_that_group(tmp_path):
@@ -158,13 +161,13 @@ def test_a_phase_with_group_scale_zero_freezes_that_group(tmp_path):
     opt = torch.optim.Adam(param_groups((model.body, 1.0), (model.head, 1.0)), lr=1e-2)
     schedule = PhaseSchedule([Phase(1, 1e-2, group_scales=(0.0, 1.0)), Phase(1, 1e-2)], SPE)
     config = TrainConfig(checkpoint_dir=tmp_path, device="cpu", progress=False)
-    train(model, opt, schedule, _batches(*_data()), nn.functional.cross_entropy, config, stop_after_steps=SPE)
+    train(ModelStep(model, opt, nn.functional.cross_entropy), schedule, _batches(*_data()), config, stop_after_steps=SPE)
     conv_w = model.body[0].weight
     assert torch.equal(conv_w, body_before[0])  # frozen for the first phase
     head_w = model.head.weight.clone()
     model2 = Tiny()
     opt2 = torch.optim.Adam(param_groups((model2.body, 1.0), (model2.head, 1.0)), lr=1e-2)
-    train(model2, opt2, schedule, _batches(*_data()), nn.functional.cross_entropy, config)  # resumes, unfreezes
+    train(ModelStep(model2, opt2, nn.functional.cross_entropy), schedule, _batches(*_data()), config)  # resumes
     assert not torch.equal(model2.body[0].weight, body_before[0]) and not torch.equal(model2.head.weight, head_w)
 
 
@@ -184,7 +187,7 @@ def test_tensorboard_gets_step_and_epoch_scalars_and_a_resume_does_not_duplicate
         opt = torch.optim.SGD(model.parameters(), lr=0.1)
         config = TrainConfig(checkpoint_dir=tmp_path / "ckpt", device="cpu", progress=False, tensorboard_dir=tb)
         schedule = PhaseSchedule([Phase(2, (0.05, 0.001))], SPE)
-        return train(model, opt, schedule, _batches(*_data()), loss, config, **kwargs)
+        return train(ModelStep(model, opt, loss), schedule, _batches(*_data()), config, **kwargs)
 
     run(stop_after_steps=7)  # 1 epoch + 2 steps logged, checkpoint at step 7
     calls = {"n": 0}

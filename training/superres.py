@@ -29,6 +29,7 @@ from models.metrics import psnr, ssim
 from models.schedule import Phase, PhaseSchedule, one_cycle
 from models.superres import make_generator
 from models.train import (
+    ModelStep,
     MODEL_FILE,
     TrainConfig,
     default_device,
@@ -154,6 +155,7 @@ def train_superres(pairs: Pair | Mapping[int, Pair], config: SuperResConfig, che
     scale = scales.pop()
     seed_everything(config.seed)  # the same initial weights every run: a resumed run starts where this one did
     model, optimizer, loss_fn = make_trainer(config, scale)
+    step = ModelStep(model, optimizer, loss_fn)
     atomic_write_json(Path(checkpoint_dir) / WEIGHTS_FILE, weights_used(model, loss_fn))
     augment = PairAugment() if config.augment else None
     tconfig = TrainConfig(checkpoint_dir=checkpoint_dir, seed=config.seed, device=default_device(device))
@@ -184,7 +186,7 @@ def train_superres(pairs: Pair | Mapping[int, Pair], config: SuperResConfig, che
             return {**record, "epoch": offset + record["epoch"], "leg": leg, "size": leg_size}
 
         history += [tagged(r) for r in train(
-            model, optimizer, PhaseSchedule(phases, len(loader)), batches, loss_fn, leg_config,
+            step, PhaseSchedule(phases, len(loader)), batches, leg_config,
             on_epoch=(lambda r, tagged=tagged: on_epoch(tagged(r))) if on_epoch else None)]
     export_generator(model.cpu(), config.arch, scale, Path(checkpoint_dir) / MODEL_FILE, encoder=config.encoder)
     return model, history

@@ -13,7 +13,7 @@ from models.data import make_loader, store_batches, to_float_nchw
 from models.devise import Devise
 from models.losses import LabelVectorLoss
 from models.schedule import Phase, PhaseSchedule, one_cycle
-from models.train import MODEL_FILE, TrainConfig, autocast, default_device, param_groups, train
+from models.train import MODEL_FILE, ModelStep, TrainConfig, autocast, default_device, param_groups, train
 from storage.atomic import atomic_write_json
 from storage.catalog import image_stores
 from storage.hdf5 import open_store
@@ -97,8 +97,8 @@ class FinetuneStage(StageSpec):
 
         tconfig = TrainConfig(checkpoint_dir=out / "finetune", seed=config.seed, device=dev,
                               tensorboard_dir=out / "finetune" / "tensorboard")
-        history = train(model, optimizer, PhaseSchedule(one_cycle(config.epochs, config.lr), len(loader.dataset)),
-                        batches, LabelVectorLoss(torch.from_numpy(vectors)).to(dev), tconfig,
+        step = ModelStep(model, optimizer, LabelVectorLoss(torch.from_numpy(vectors)).to(dev))
+        history = train(step, PhaseSchedule(one_cycle(config.epochs, config.lr), len(loader.dataset)), batches, tconfig,
                         on_epoch=epoch_table(report, "devise-finetune-epochs", "DeViSE fine-tuning"))
         model = model.cpu()
         embeddings = {s: embed_store(model, p, device=dev) for s, p in stores.items()}

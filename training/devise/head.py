@@ -14,7 +14,7 @@ from models.data import ChunkShuffleStream
 from models.devise import Devise, DeviseConfig, DeviseHead
 from models.losses import LabelVectorLoss
 from models.schedule import Phase, PhaseSchedule, one_cycle
-from models.train import MODEL_FILE, TrainConfig, default_device, load_checkpoint, seed_everything, train
+from models.train import MODEL_FILE, ModelStep, TrainConfig, default_device, load_checkpoint, seed_everything, train
 from storage.atomic import atomic_write_json
 from storage.catalog import store_classes
 from storage.hdf5 import open_store
@@ -78,7 +78,8 @@ def train_head(features_dir: str | Path, plan: ClassPlan, vectors: np.ndarray, c
                           tensorboard_dir=checkpoint_dir / "tensorboard")
     loss_fn = loss_fn.to(tconfig.device)
     schedule = PhaseSchedule(one_cycle(config.epochs, config.lr), len(stream))
-    history = train(head, optimizer, schedule, _feature_batches(stream, m["views"], config.seed), loss_fn, tconfig,
+    history = train(ModelStep(head, optimizer, loss_fn), schedule, _feature_batches(stream, m["views"], config.seed),
+                    tconfig,
                     on_epoch=on_epoch)
     return head.cpu().eval(), history
 
