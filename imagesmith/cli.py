@@ -254,6 +254,48 @@ def _cmd_devise(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_gan(args: argparse.Namespace) -> int:
+    from flows.gan import gan
+    from storage.stage import open_stage
+
+    _check_pipeline_args(args)
+    if args.generator is not None:
+        _finished_stage(args.generator, "superres", "--generator")
+    if args.high_size % args.low_size:
+        raise UsageError(f"--high-size {args.high_size} must be a multiple of --low-size {args.low_size}")
+    outputs = gan(source=args.source, high_size=args.high_size, low_size=args.low_size, crappifier=args.crappifier,
+                  generator=args.generator, generator_epochs=args.generator_epochs, critic_epochs=args.critic_epochs,
+                  gan_epochs=args.epochs, batch_size=args.batch_size, pretrained=not args.no_pretrained,
+                  seed=args.seed, refresh=args.refresh, wait=not args.no_wait)
+    m, critic = open_stage(outputs["gan"]).manifest(), open_stage(outputs["critic"]).manifest()
+    for name in ("generator", "generated", "critic", "gan"):
+        print(f"{name:<10} {outputs[name]}")
+    print(f"critic accuracy on held-out images: {critic.get('critic_acc')} "
+          f"(generated {critic.get('critic_acc_fake')}, originals {critic.get('critic_acc_real')})")
+    print(f"critic steps per generator step, each epoch: {m['critic_steps_per_gen_step']}")
+    if m["evaluation"]:
+        e = m["evaluation"]
+        print(f"{e['images']} held-out images      PSNR dB    SSIM")
+        for who in ("bicubic", "pretrained", "gan"):
+            print(f"  {who:<24} {e['psnr_' + who]:>7.2f}  {e['ssim_' + who]:.4f}")
+    print(f"samples every epoch: {outputs['gan']}/{m['samples']}/  model: {outputs['gan']}/model.pt "
+          "(imagesmith enhance MODEL IN OUT)")
+    return 0
+
+
+def _cmd_wgan(args: argparse.Namespace) -> int:
+    from flows.gan import wgan
+    from storage.stage import open_stage
+
+    _check_pipeline_args(args)
+    outputs = wgan(source=args.source, size=args.size, epochs=args.epochs, batch_size=args.batch_size,
+                   critic_warmup=args.critic_warmup, seed=args.seed, refresh=args.refresh, wait=not args.no_wait)
+    m = open_stage(outputs["wgan"]).manifest()
+    print(f"wgan {outputs['wgan']}: {m['epochs']} epochs, {m['generator_steps']} generator steps; "
+          f"samples every epoch in {outputs['wgan']}/{m['samples']}/")
+    return 0
+
+
 def _cmd_search(args: argparse.Namespace) -> int:
     from prep.resize import Rejected
     from training.devise.search import DeviseSearch
@@ -429,6 +471,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ann-above", type=_int_in(0), default=100_000, help="use an HNSW index above this many images")
     p.set_defaults(func=_cmd_devise)
 
+    p = sub.add_parser("gan", help="GAN restoration: pretrained generator and critic, then the adaptive GAN phase")
+    _add_run_options(p)
+    p.add_argument("--high-size", type=_int_in(*SIZE_RANGE), default=64, help="side of the originals (targets)")
+    p.add_argument("--low-size", type=_int_in(8, 1024), default=16, help="side of the crappified inputs")
+    p.add_argument("--crappifier", default="jpeg_text", choices=CRAPPIFIERS)
+    p.add_argument("--generator", help="start from this finished super-res stage directory (its model.pt) "
+                                       "instead of pretraining a generator")
+    p.add_argument("--generator-epochs", type=_int_in(1), default=2, help="per step (frozen, then unfrozen)")
+    p.add_argument("--critic-epochs", type=_int_in(1), default=2)
+    p.add_argument("--epochs", type=_int_in(1), default=3, help="GAN phase epochs")
+    p.add_argument("--batch-size", type=_int_in(2), default=8)
+    p.add_argument("--no-pretrained", action="store_true", help="random encoder weights (asked for)")
+    p.set_defaults(func=_cmd_gan)
+
+    p = sub.add_parser("wgan", help="a WGAN: noise -> images, trained on the sample (or --source) resized")
+    _add_run_options(p)
+    p.add_argument("--size", type=int, choices=[32, 64, 128], default=64)
+    p.add_argument("--epochs", type=_int_in(1), default=5)
+    p.add_argument("--batch-size", type=_int_in(2), default=64)
+    p.add_argument("--critic-warmup", type=_int_in(1), default=100,
+                   help="critic steps before each of the first 25 generator steps (the paper's 100)")
+    p.set_defaults(func=_cmd_wgan)
+
     p = sub.add_parser("search", help="DeViSE search: text -> images, or image -> words and images "
                                       "(before any DeViSE run: image -> words by ConSE)")
     what = p.add_mutually_exclusive_group(required=True)
@@ -467,7 +532,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {_one_line(e)}", file=sys.stderr)
         return EXIT_FAILED
     except (OSError, StageIncomplete, ValueError, KeyError) as e:
-        if args.command in ("run", "demo", "devise"):
+        if args.command in ("run", "demo", "devise", "gan", "wgan"):
             raise  # inside a flow run: not an input we checked, so the traceback helps
         # a file or folder the user named that is missing, unreadable or of the wrong kind
         print(f"error: {_one_line(e)}", file=sys.stderr)

@@ -246,3 +246,35 @@ def test_the_flow_checks_its_parameters_before_any_stage_runs(prefect_server, ti
     with pytest.raises(ParameterTypeError, match=field):
         pipeline(**params)
     assert not (tier_env / "bulk").exists() and not (tier_env / "fast").exists()  # nothing was built
+
+
+def test_gan_chain_flow_runs_every_stage_and_a_rerun_is_all_cached(prefect_server, tier_env, sample_root):
+    from prefect.client.orchestration import get_client
+
+    from flows.gan import gan, wgan
+
+    params = {"source": str(sample_root), "high_size": 32, "low_size": 16, "generator_epochs": 1, "critic_epochs": 1,
+              "critic_nf": 8, "gan_epochs": 1, "batch_size": 8}
+    state = gan(**params, return_state=True)
+    out = state.result()
+    for name in ("generator", "generated", "critic", "gan"):
+        assert open_stage(out[name]).is_complete
+    first = _task_states(state.state_details.flow_run_id)
+    assert first["superres"] == first["generated"] == first["critic"] == first["gan"] == ["Completed"]
+    rerun = gan(**params, return_state=True)
+    assert rerun.result() == out
+    again = _task_states(rerun.state_details.flow_run_id)
+    assert all(again[name] == ["Cached"] for name in ("listing", "join-resize", "join-crappify", "superres",
+                                                      "generated", "critic", "gan")), again
+
+    async def artifacts():
+        async with get_client() as client:
+            return {a.key: a for a in await client.read_latest_artifacts()}
+
+    latest = asyncio.run(artifacts())
+    assert "data:image/png;base64," in latest["gan-samples"].data
+    assert {"psnr_gan", "psnr_pretrained", "critic_acc"} & set(json.loads(latest["gan-evaluation"].data)[0])
+
+    w = wgan(source=str(sample_root), size=32, epochs=2, batch_size=8, critic_warmup=2)
+    assert open_stage(w["wgan"]).manifest()["generator_steps"] > 0
+    assert "data:image/png;base64," in asyncio.run(artifacts())["wgan-samples"].data

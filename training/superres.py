@@ -29,8 +29,8 @@ from models.metrics import psnr, ssim
 from models.schedule import Phase, PhaseSchedule, one_cycle
 from models.superres import make_generator
 from models.train import (
-    ModelStep,
     MODEL_FILE,
+    ModelStep,
     TrainConfig,
     default_device,
     load_export,
@@ -326,22 +326,33 @@ def training_pairs(crappify_dirs: Sequence[str | Path]) -> dict[int, Pair]:
     return pairs
 
 
-def sample_grid_png(model: torch.nn.Module, low_store: Path, high_store: Path, n: int = 4) -> bytes:
-    """Columns crappified (nearest) | bicubic | model | target for the first ``n`` images, as PNG bytes."""
+def grid_png(columns: list[torch.Tensor]) -> bytes:
+    """Image batches (B, 3, S, S) in [0, 1], one per column, side by side as one PNG (B rows)."""
     from PIL import Image
 
+    grid = torch.cat([torch.cat(list(c.clamp(0, 1)), dim=1) for c in columns], dim=2)  # (3, B*S, cols*S)
+    buf = io.BytesIO()
+    Image.fromarray((grid.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def sample_grid_png(models: torch.nn.Module | Sequence[torch.nn.Module], low_store: Path, high_store: Path,
+                    n: int = 4) -> bytes:
+    """Columns crappified (nearest) | bicubic | each model | target for the first ``n`` images, as PNG."""
+    models = [models] if isinstance(models, torch.nn.Module) else list(models)
     with open_store(low_store) as lo, open_store(high_store) as hi:
         low = to_unit(torch.from_numpy(lo["images"][:n]), "cpu")
         high = to_unit(torch.from_numpy(hi["images"][:n]), "cpu")
     size = high.shape[-1]
     with torch.no_grad():
-        pred = model.cpu().eval()(low).clamp(0, 1)
-    columns = [F.interpolate(low, size=size, mode="nearest"),
-               F.interpolate(low, size=size, mode="bicubic", align_corners=False).clamp(0, 1), pred, high]
-    grid = torch.cat([torch.cat(list(c), dim=1) for c in columns], dim=2)  # (3, n*size, 4*size)
-    buf = io.BytesIO()
-    Image.fromarray((grid.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)).save(buf, format="PNG")
-    return buf.getvalue()
+        preds = [m.cpu().eval()(low) for m in models]
+    return grid_png([F.interpolate(low, size=size, mode="nearest"),
+                     F.interpolate(low, size=size, mode="bicubic", align_corners=False), *preds, high])
+
+
+def png_markdown(title: str, text: str, png: bytes) -> str:
+    """A markdown page with a PNG inline (Prefect artifacts show data: URLs)."""
+    return f"## {title}\n\n{text}\n\n![{title}](data:image/png;base64,{base64.b64encode(png).decode()})\n"
 
 
 @dataclass(frozen=True)
@@ -383,10 +394,8 @@ class SuperResStage(StageSpec):
             return
         report.table("superres-evaluation", [{"images": m["evaluated_images"], **means}],
                      "Held-out photos: the model against bicubic upsampling of the same input")
-        png = base64.b64encode((stage.path / SAMPLES_FILE).read_bytes()).decode()
         verdict = "beats" if means["psnr_model"] > means["psnr_bicubic"] else "does NOT beat"
-        report.markdown(
-            "superres-samples",
-            f"## Super-resolution samples\n\nColumns: crappified input | bicubic | model | target. "
-            f"The model {verdict} bicubic: PSNR {means['psnr_model']} vs {means['psnr_bicubic']} dB.\n\n"
-            f"![samples](data:image/png;base64,{png})\n")
+        report.markdown("superres-samples", png_markdown(
+            "Super-resolution samples",
+            f"Columns: crappified input | bicubic | model | target. The model {verdict} bicubic: PSNR "
+            f"{means['psnr_model']} vs {means['psnr_bicubic']} dB.", (stage.path / SAMPLES_FILE).read_bytes()))
