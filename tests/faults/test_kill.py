@@ -32,8 +32,39 @@ def kill_when(code: str, ready: Callable[[], bool], *, timeout: float = 180) -> 
     while proc.poll() is None and time.monotonic() < deadline and not ready():
         time.sleep(0.002)
     assert proc.poll() is None, f"the run ended (exit {proc.returncode}) before the kill: it must be longer"
+    left = descendants(proc.pid)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
+    # nothing the run started outlives it (DataLoader workers, their fork server, shard processes)
+    deadline = time.monotonic() + 15
+    while (alive := [p for p in left if _running(p)]) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not alive, f"processes of the killed run are still running: {alive}"
+
+
+def descendants(pid: int) -> list[int]:
+    """Process ids of everything ``pid`` started, and what those started (Linux /proc)."""
+    parents = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        parents[int(stat.parent.name)] = int(fields[1])
+    found, frontier = [], [pid]
+    while frontier:
+        kids = [p for p, pp in parents.items() if pp in frontier]
+        found += kids
+        frontier = kids
+    return found
+
+
+def _running(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
 
 
 def _tiers(root: Path, name: str) -> Tiers:
