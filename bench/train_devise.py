@@ -20,11 +20,12 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from trainbench import device_info, from_loader, resident, synthetic_store, timed_training  # noqa: E402
+from trainbench import device_info, loader_vs_resident, print_results, synthetic_store, timed_training  # noqa: E402
 
 from models.data import make_loader, to_float_nchw  # noqa: E402
 from models.devise import Devise, DeviseConfig  # noqa: E402
 from models.losses import LabelVectorLoss  # noqa: E402
+from models.train import ModelStep  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> dict[str, float]:
@@ -50,23 +51,18 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         torch.manual_seed(0)
         model = Devise(DeviseConfig(backbone=args.backbone, dims=args.dims, pretrained=False))
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
-        return timed_training(model, optimizer, LabelVectorLoss(vectors).to(device), batches, steps=args.steps,
+        return timed_training(ModelStep(model, optimizer, LabelVectorLoss(vectors).to(device)), batches, steps=args.steps,
                               warmup=args.warmup, batch_size=args.batch, device=device)
 
     with tempfile.TemporaryDirectory(dir=os.environ.get("TMPDIR")) as tmp:
         store = synthetic_store(Path(tmp) / "store.h5", args.images, args.size)
         loader = make_loader(store, args.batch, num_workers=args.workers, drop_last=True)
-        first = next(iter(loader))
-        on_device = run(resident(tuple(t.to(device) for t in first), prepare))
-        e2e = run(from_loader(loader, prepare))
-    busy = e2e.images_per_s / on_device.images_per_s
+        result = loader_vs_resident(run, loader, prepare, device)
     print(f"{args.backbone} {args.size}px batch {args.batch}, {args.workers} loader workers:")
-    print(f"  end to end from HDF5: {e2e.images_per_s:,.0f} img/s (waiting for the loader {e2e.loader_wait_share:.1%} "
-          f"of the time; peak memory {e2e.peak_memory_gib:.1f} GiB)")
-    print(f"  batch already on the device: {on_device.images_per_s:,.0f} img/s")
-    result = {"images_per_s": e2e.images_per_s, "on_device_images_per_s": on_device.images_per_s, "busy": busy,
-              "loader_wait": e2e.loader_wait_share, "peak_gib": e2e.peak_memory_gib}
-    print("RESULT " + " ".join(f"{k}={v:.3f}" if v < 100 else f"{k}={v:.0f}" for k, v in result.items()))
+    print(f"  end to end from HDF5: {result['images_per_s']:,.0f} img/s (waiting for the loader "
+          f"{result['loader_wait']:.1%} of the time; peak memory {result['peak_gib']:.1f} GiB)")
+    print(f"  batch already on the device: {result['on_device_images_per_s']:,.0f} img/s")
+    print_results([result])
     return result
 
 

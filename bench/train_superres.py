@@ -21,12 +21,13 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from trainbench import device_info, from_loader, resident, synthetic_store, timed_training  # noqa: E402
+from trainbench import device_info, loader_vs_resident, print_results, synthetic_store, timed_training  # noqa: E402
 
 from models.data import (
     make_loader,  # noqa: E402
     to_unit,  # noqa: E402
 )
+from models.train import ModelStep  # noqa: E402
 from training.superres import SuperResConfig, make_trainer  # noqa: E402
 
 
@@ -40,6 +41,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, float]]:
     ap.add_argument("--workers", type=int, default=8)
     ap.add_argument("--arch", default="unet", choices=["unet", "johnson"])
     ap.add_argument("--scale", type=int, default=4)
+    ap.add_argument("--encoder", default="resnet34", help="the U-Net's (random weights: throughput only)")
     args = ap.parse_args(argv)
     if len(args.sizes) != len(args.batches):
         ap.error(f"one batch size per size: got sizes {args.sizes} and batches {args.batches}")
@@ -55,26 +57,21 @@ def main(argv: list[str] | None = None) -> list[dict[str, float]]:
             low_store = synthetic_store(Path(tmp) / f"low-{size}.h5", args.images, size // args.scale)
             high_store = synthetic_store(Path(tmp) / f"high-{size}.h5", args.images, size)
             loader = make_loader(low_store, batch, target_store=high_store, num_workers=args.workers, drop_last=True)
-            first = next(iter(loader))
 
             def run(batches):
                 torch.manual_seed(0)
-                model, optimizer, loss_fn = make_trainer(SuperResConfig(arch=args.arch, pretrained=False), args.scale)
+                model, optimizer, loss_fn = make_trainer(SuperResConfig(arch=args.arch, pretrained=False, encoder=args.encoder),
+                                                         args.scale)
                 loss_fn = loss_fn.to(device) if isinstance(loss_fn, torch.nn.Module) else loss_fn
-                return timed_training(model, optimizer, loss_fn, batches, steps=args.steps, warmup=args.warmup,
-                                      batch_size=batch, device=device)
+                return timed_training(ModelStep(model, optimizer, loss_fn), batches, steps=args.steps,
+                                      warmup=args.warmup, batch_size=batch, device=device)
 
-            on_device = run(resident(tuple(t.to(device) for t in first), prepare))
-            e2e = run(from_loader(loader, prepare))
-            result = {"size": size, "images_per_s": e2e.images_per_s, "on_device_images_per_s": on_device.images_per_s,
-                      "busy": e2e.images_per_s / on_device.images_per_s, "loader_wait": e2e.loader_wait_share,
-                      "peak_gib": e2e.peak_memory_gib}
-            print(f"{args.arch} {size // args.scale} -> {size} px, batch {batch}: {e2e.images_per_s:,.1f} img/s end to "
-                  f"end, {on_device.images_per_s:,.1f} on-device; loader wait {e2e.loader_wait_share:.1%}; "
-                  f"peak {e2e.peak_memory_gib:.2f} GiB")
+            result = {"size": size} | loader_vs_resident(run, loader, prepare, device)
+            print(f"{args.arch} {size // args.scale} -> {size} px, batch {batch}: {result['images_per_s']:,.1f} img/s "
+                  f"end to end, {result['on_device_images_per_s']:,.1f} on-device; loader wait "
+                  f"{result['loader_wait']:.1%}; peak {result['peak_gib']:.2f} GiB")
             results.append(result)
-    for r in results:
-        print("RESULT " + " ".join(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}" for k, v in r.items()))
+    print_results(results)
     return results
 
 

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from models.schedule import Phase, PhaseSchedule
-from models.train import ModelStep, TrainConfig, train
+from models.train import TrainConfig, TrainingStep, train
 from storage.hdf5 import ShardWriter
 
 
@@ -54,8 +54,8 @@ class Timing:
     peak_memory_gib: float
 
 
-def timed_training(model: torch.nn.Module, optimizer: torch.optim.Optimizer, loss_fn, batches: Callable,
-                   *, steps: int, warmup: int, batch_size: int, device: torch.device) -> Timing:
+def timed_training(step: TrainingStep, batches: Callable, *, steps: int, warmup: int, batch_size: int,
+                   device: torch.device) -> Timing:
     """Run ``steps`` steps of the shared loop (one epoch, constant lr) over ``batches()``; time the
     steps after ``warmup``. ``batches()`` yields (x, y) already on ``device``."""
     cuda = device.type == "cuda"
@@ -81,8 +81,7 @@ def timed_training(model: torch.nn.Module, optimizer: torch.optim.Optimizer, los
         torch.cuda.reset_peak_memory_stats()
     with tempfile.TemporaryDirectory() as tmp:
         config = TrainConfig(checkpoint_dir=Path(tmp), device=str(device), progress=False)
-        train(ModelStep(model, optimizer, loss_fn), PhaseSchedule([Phase(1, 1e-4)], steps), timed, config,
-              resume=False)
+        train(step, PhaseSchedule([Phase(1, 1e-4)], steps), timed, config, resume=False)
     wall = state["t1"] - state["t0"]
     peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else float("nan")
     return Timing((steps - warmup) * batch_size / wall, state["wait"] / wall, peak)
@@ -105,6 +104,25 @@ def from_loader(loader, prepare: Callable) -> Callable:
                 yield prepare(*b)
 
     return batches
+
+
+def loader_vs_resident(run: Callable[[Callable], Timing], loader, prepare: Callable,
+                       device: torch.device) -> dict[str, float]:
+    """Time ``run(batches)`` twice: on the loader's first batch kept on the device (the model's own
+    speed), then end to end from the loader. ``busy`` is their ratio: the share of the model's speed
+    the loader sustains."""
+    first = next(iter(loader))
+    on_device = run(resident(tuple(t.to(device) for t in first), prepare))
+    e2e = run(from_loader(loader, prepare))
+    return {"images_per_s": e2e.images_per_s, "on_device_images_per_s": on_device.images_per_s,
+            "busy": e2e.images_per_s / on_device.images_per_s, "loader_wait": e2e.loader_wait_share,
+            "peak_gib": e2e.peak_memory_gib}
+
+
+def print_results(results: list[dict]) -> None:
+    """One ``RESULT key=value ...`` line per result (the lines docs/BENCHMARKS.md records)."""
+    for r in results:
+        print("RESULT " + " ".join(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}" for k, v in r.items()))
 
 
 def device_info(device: torch.device) -> str:

@@ -23,7 +23,7 @@ PositiveFloat = Annotated[float, Field(gt=0)]
 def gan(
     source: str | None = None,
     high_size: ImageSide = 64,
-    low_size: Annotated[int, Field(ge=8, le=1024)] = 16,
+    low_size: Annotated[int, Field(ge=8, le=1024)] = 32,
     crappifier: Crappifier = "jpeg_text",
     generator: str | None = None,
     generator_epochs: Epochs = 2,

@@ -474,7 +474,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("gan", help="GAN restoration: pretrained generator and critic, then the adaptive GAN phase")
     _add_run_options(p)
     p.add_argument("--high-size", type=_int_in(*SIZE_RANGE), default=64, help="side of the originals (targets)")
-    p.add_argument("--low-size", type=_int_in(8, 1024), default=16, help="side of the crappified inputs")
+    p.add_argument("--low-size", type=_int_in(8, 1024), default=32, help="side of the crappified inputs")
     p.add_argument("--crappifier", default="jpeg_text", choices=CRAPPIFIERS)
     p.add_argument("--generator", help="start from this finished super-res stage directory (its model.pt) "
                                        "instead of pretraining a generator")

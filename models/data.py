@@ -8,9 +8,9 @@ on the device (``to_float_nchw``), where NHWC -> NCHW by ``permute`` is channels
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
-import functools
 import multiprocessing
 import os
 import select

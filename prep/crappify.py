@@ -11,6 +11,7 @@ The output store is aligned with its source: same rows, same order, same labels 
 
 from __future__ import annotations
 
+import functools
 import io
 import logging
 import os
@@ -21,10 +22,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, ImageFont
 
 from prep.shards import DEFAULT_SHARD_IMAGES, Shard, ShardedStage, worker_map
-from storage.catalog import image_stores
+from storage.catalog import image_stores, store_rows
 from storage.hdf5 import ShardWriter, open_store, reusable_shard
 from storage.report import Reporter
 from storage.stage import StageDir, runtime, upstream
@@ -52,7 +53,11 @@ def _jpeg_round_trip(img: Image.Image, quality: int) -> np.ndarray:
 
 @dataclass(frozen=True)
 class JpegText:
-    """The lesson's crappifier: downscale, draw the quality number, JPEG at that quality."""
+    """The lesson's crappifier: downscale, draw the quality number, JPEG at that quality.
+
+    The lesson draws with PIL's default font (10 px) on 96 px images; the font scales with ``size``
+    to keep that proportion (at 16 px a 10 px number would cover the picture), never below 4 px.
+    """
 
     size: int = 96
     quality: tuple[int, int] = (10, 70)  # inclusive, like random.randint
@@ -62,8 +67,13 @@ class JpegText:
         q = int(rng.integers(self.quality[0], self.quality[1] + 1))
         w, h = img.size
         xy = (int(rng.integers(0, w // 2)), int(rng.integers(0, h // 2)))  # top-left quarter
-        ImageDraw.Draw(img).text(xy, str(q), fill=(255, 255, 255))
+        ImageDraw.Draw(img).text(xy, str(q), fill=(255, 255, 255), font=_font(max(4, round(10 * self.size / 96))))
         return _jpeg_round_trip(img, q)
+
+
+@functools.lru_cache(maxsize=8)
+def _font(px: int) -> ImageFont.FreeTypeFont:
+    return ImageFont.load_default(size=px)
 
 
 @dataclass(frozen=True)
@@ -152,17 +162,13 @@ class CrappifyStage(ShardedStage):
     """Stage 4 on a finished resize stage: a crappified store per split, aligned with its source."""
 
     name = "crappify"
-    version = 1
+    version = 2  # 2: jpeg_text's number scales with the image (10 px at 96 px, as the lesson)
     source: str = upstream()  # the resize stage
     config: CrappifyConfig = CrappifyConfig()
     cores: int | None = runtime()
 
     def split_rows(self) -> dict[str, int]:
-        rows = {}
-        for split, store in image_stores(self.source).items():
-            with open_store(store) as f:
-                rows[split] = f["images"].shape[0]
-        return rows
+        return store_rows(self.source)
 
     def shard_images(self) -> int:
         return self.config.shard_images

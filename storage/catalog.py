@@ -24,6 +24,15 @@ def image_stores(stage_dir: str | Path) -> dict[str, Path]:
     return {split: Path(stage_dir) / stores[split] for split in sorted(stores, key=lambda s: s != "train")}
 
 
+def store_rows(stage_dir: str | Path) -> dict[str, int]:
+    """``{split: images}`` of a finished resize or crappify stage's stores."""
+    rows = {}
+    for split, store in image_stores(stage_dir).items():
+        with open_store(store) as f:
+            rows[split] = f["images"].shape[0]
+    return rows
+
+
 def store_classes(resize_dir: str | Path) -> list[str]:
     """The wnids the labels of a resize stage's stores index (listing order)."""
     return read_classes(open_stage(resize_dir).manifest()["listing_dir"])

@@ -26,3 +26,13 @@ def test_train_superres_benchmark_runs_each_size(tmp_path, monkeypatch):
     results = train_superres.main(["--sizes", "32", "64", "--batches", "4", "2", "--images", "16", "--steps", "3",
                                    "--warmup", "1", "--workers", "1", "--arch", "johnson"])
     assert [r["size"] for r in results] == [32, 64] and all(r["images_per_s"] > 0 for r in results)
+
+
+@pytest.mark.slow
+def test_train_gan_benchmark_times_both_phases(tmp_path, monkeypatch):
+    import train_gan
+
+    monkeypatch.setenv("TMPDIR", str(tmp_path))
+    results = train_gan.main(["--size", "32", "--batch", "4", "--images", "16", "--steps", "3", "--warmup", "1",
+                              "--workers", "1", "--critic-nf", "8", "--encoder", "efficientnet_lite0"])
+    assert [r["phase"] for r in results] == ["critic", "gan"] and all(r["images_per_s"] > 0 for r in results)

@@ -49,7 +49,7 @@ from models.train import (
 )
 from prep.shards import Shard, ShardedStage
 from storage.atomic import atomic_write_bytes, atomic_write_json
-from storage.catalog import crappified_pair, image_stores
+from storage.catalog import crappified_pair, image_stores, store_rows
 from storage.hdf5 import ShardWriter, open_store
 from storage.report import Reporter, epoch_table
 from storage.stage import StageDir, StageSpec, open_stage, runtime, upstream
@@ -95,11 +95,7 @@ class GeneratedStage(ShardedStage):
     device: str | None = runtime()
 
     def split_rows(self) -> dict[str, int]:
-        rows = {}
-        for split, store in image_stores(self.source).items():
-            with open_store(store) as f:
-                rows[split] = f["images"].shape[0]
-        return rows
+        return store_rows(self.source)
 
     def shard_images(self) -> int:
         return self.rows_per_shard
