@@ -24,7 +24,7 @@ from storage.hdf5 import ShardWriter
 
 
 def sample_store(tmp: Path, size: int):
-    """(tiers, finished resize stage) of the bundled sample (7 classes x 40 train + 10 val) at ``size``."""
+    """(tiers, finished resize stage) of the bundled sample (15 classes x 40 train + 10 val) at ``size``."""
     from prep.listing import ListingStage, fingerprint_dataset
     from prep.resize import ResizeConfig, ResizeStage
     from prep.sample import build_sample

@@ -233,6 +233,125 @@ def _cmd_enhance(args: argparse.Namespace) -> int:
     return 0
 
 
+def _float_over(low: float, *, inclusive: bool):
+    """An argparse type: a number > ``low`` (>= with ``inclusive``); the error names the value."""
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+        if value != value or value < low or (value == low and not inclusive):
+            raise argparse.ArgumentTypeError(f"{text} is out of range; use a number {'>=' if inclusive else '>'} {low:g}")
+        return value
+    return parse
+
+
+def _floats(count: int, what: str):
+    """An argparse type: ``count`` comma-separated numbers >= 0."""
+    def parse(text: str) -> tuple[float, ...]:
+        try:
+            values = tuple(float(v) for v in text.split(","))
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {count} comma-separated numbers") from None
+        if len(values) != count or min(values) < 0:
+            raise argparse.ArgumentTypeError(f"{text!r}: {what} takes {count} comma-separated numbers >= 0, "
+                                             "e.g. " + ",".join(["1"] * count))
+        return values
+    return parse
+
+
+def _cmd_stylize(args: argparse.Namespace) -> int:
+    import time
+
+    from training.style import MODES, GatysConfig, apply_style, gatys, load_style_model, save_rgb
+
+    paths = args.images
+    start = time.perf_counter()
+    if args.model:
+        if len(paths) != 2:
+            raise UsageError(f"with --model, stylize takes CONTENT OUT (2 paths), got {len(paths)}: {' '.join(paths)}")
+        _existing(args.model, "model")
+        content, out = paths
+        _writable_image_path(out)
+        model, meta = load_style_model(args.model)
+        x = _read_image(content)
+        y = apply_style(model, x, device=args.device or ("cuda" if _cuda() else "cpu"))
+        save_rgb(y, out)
+        print(f"{content} {tuple(x.shape[1:][::-1])} -> {out} in {time.perf_counter() - start:.1f} s "
+              f"(style: {meta.get('style')})")
+        return 0
+    init, with_content, with_style = MODES[args.mode]
+    wanted = 3 if with_style else 2
+    if len(paths) != wanted:
+        form = "CONTENT STYLE OUT" if with_style else "CONTENT OUT"
+        raise UsageError(f"stylize --mode {args.mode} takes {form} ({wanted} paths), got {len(paths)}: {' '.join(paths)}")
+    content = _read_image(paths[0])
+    style = _read_image(paths[1]) if with_style else None
+    out = paths[-1]
+    _writable_image_path(out)
+    try:
+        config = GatysConfig(size=args.size, steps=args.steps, optimizer=args.optimizer, lr=args.lr,
+                             init=args.init or init, content_block=args.content_layer - 1,
+                             content_weight=args.content_weight if with_content else 0.0,
+                             style_weights=args.style_weights if with_style else (0.0,) * 5,
+                             tv_weight=args.tv_weight, scaling=args.scaling, scales=args.scales, seed=args.seed,
+                             log_every=args.log_every)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+
+    def progress(r):
+        style_sum = sum(v for k, v in r.items() if k.startswith("style_"))
+        print(f"scale {r['scale'] + 1}/{config.scales} {r['size'][1]}x{r['size'][0]}: iteration "
+              f"{r['iteration']}/{config.steps}  loss {r['loss']:.4f} (content {r.get('content', 0.0):.4f}, "
+              f"style {style_sum:.4f})  {r['s_per_iteration']:.2f} s/iteration", file=sys.stderr, flush=True)
+
+    image, history = gatys(content, style, config, device=args.device or ("cuda" if _cuda() else "cpu"),
+                           progress=progress)
+    save_rgb(image, out)
+    print(f"{paths[0]} -> {out} {tuple(image.shape[1:][::-1])}: {history[-1]['total_iterations']} iterations "
+          f"in {time.perf_counter() - start:.1f} s, final loss {history[-1]['loss']:.4f}")
+    return 0
+
+
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def _writable_image_path(path: str) -> None:
+    """A UsageError unless ``path`` has an image suffix and its folder exists."""
+    from PIL import Image
+
+    p = Path(path)
+    if Image.registered_extensions().get(p.suffix.lower()) is None:
+        raise UsageError(f"output {path!r} has no image suffix PIL can write; use .png, .jpg, .webp, ...")
+    if not p.parent.is_dir():
+        raise UsageError(f"output {path!r}: folder {str(p.parent)!r} does not exist")
+
+
+def _cmd_style(args: argparse.Namespace) -> int:
+    from flows.style import check_style_image, style
+    from storage.stage import open_stage
+
+    _check_pipeline_args(args)
+    if args.style is not None:
+        try:
+            check_style_image(args.style)
+        except ValueError as e:
+            raise UsageError(str(e)) from None
+    outputs = style(source=args.source, style_image=args.style, size=args.size, epochs=args.epochs, lr=args.lr,
+                    batch_size=args.batch_size, content_weight=args.content_weight,
+                    style_weights=list(args.style_weights), tv_weight=args.tv_weight, seed=args.seed,
+                    refresh=args.refresh, wait=not args.no_wait)
+    m = open_stage(outputs["style"]).manifest()
+    print(f"style {outputs['style']}: {m['epochs']} epochs on {m['image_side']} px images, final loss "
+          f"{m['final_loss']:.4f} (val {m['val_loss'] if m['val_loss'] is None else round(m['val_loss'], 4)})")
+    print(f"style image: {m['style']}\nsamples every epoch: {outputs['style']}/{m['samples']}/\n"
+          f"apply it: imagesmith stylize --model {outputs['style']} IN.jpg OUT.png")
+    return 0
+
+
 def _cmd_devise(args: argparse.Namespace) -> int:
     from flows.devise import devise
     from storage.stage import open_stage
@@ -494,6 +613,47 @@ def build_parser() -> argparse.ArgumentParser:
                    help="critic steps before each of the first 25 generator steps (the paper's 100)")
     p.set_defaults(func=_cmd_wgan)
 
+    p = sub.add_parser("stylize", help="paint an image in the style of another: Gatys optimisation (CONTENT STYLE OUT) "
+                                       "or a trained fast style network (--model DIR CONTENT OUT)")
+    p.add_argument("images", nargs="+", metavar="PATH", help="CONTENT STYLE OUT; CONTENT OUT with --model or "
+                                                             "--mode content")
+    p.add_argument("--model", help="a finished fast style stage (imagesmith style), or its model.pt: one forward pass")
+    p.add_argument("--mode", choices=["transfer", "style", "content"], default="transfer",
+                   help="transfer: content + style from the content image; style: the style alone from noise; "
+                        "content: the content layer alone, reconstructed from noise")
+    p.add_argument("--size", type=_int_in(32, 8192), default=384, help="the output's longer side")
+    p.add_argument("--steps", type=_int_in(1), default=200, help="loss evaluations per scale")
+    p.add_argument("--scales", type=_int_in(1, 6), default=1,
+                   help="optimise coarse to fine: at size / 2^(N-1) first, doubling each time")
+    p.add_argument("--optimizer", choices=["lbfgs", "adam"], default="lbfgs")
+    p.add_argument("--lr", type=_float_over(0, inclusive=False), help="default: 1 for L-BFGS (line search), 0.02 for Adam")
+    p.add_argument("--init", choices=["content", "noise"], help="the starting image (default: by --mode)")
+    p.add_argument("--content-layer", type=_int_in(1, 5), default=4, help="VGG block of the content loss (1-5)")
+    p.add_argument("--content-weight", type=_float_over(0, inclusive=True), default=1.0)
+    p.add_argument("--style-weights", type=_floats(5, "--style-weights"), default=(1.0,) * 5,
+                   help="one weight per VGG block, e.g. 1,1,1,1,1 (0 drops a block)")
+    p.add_argument("--tv-weight", type=_float_over(0, inclusive=True), default=0.0, help="total variation (smoothness)")
+    p.add_argument("--scaling", choices=["relative", "lesson"], default="relative",
+                   help="relative: each term a relative error (weights mean the same on any VGG and size); "
+                        "lesson: the lesson's raw MSE with its 1e6 (tuned for VGG16-bn)")
+    p.add_argument("--seed", type=_int_in(0), default=0, help="seed of the noise start")
+    p.add_argument("--log-every", type=_int_in(1), default=20)
+    p.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda when available)")
+    p.set_defaults(func=_cmd_stylize)
+
+    p = sub.add_parser("style", help="train a fast style network on the sample (or --source) against one painting")
+    _add_run_options(p)
+    p.add_argument("--style", help="the style image (default: Munch's The Scream from Debian's darknet package)")
+    p.add_argument("--size", type=_int_in(*SIZE_RANGE), default=128, help="side of the training images")
+    p.add_argument("--epochs", type=_int_in(1), default=2)
+    p.add_argument("--lr", type=_float_over(0, inclusive=False), default=1e-3)
+    p.add_argument("--batch-size", type=_int_in(1), default=4)
+    p.add_argument("--content-weight", type=_float_over(0, inclusive=True), default=1.0)
+    p.add_argument("--style-weights", type=_floats(5, "--style-weights"), default=(1.0, 1.0, 1.0, 1.0, 0.0),
+                   help="one weight per VGG block (default 1,1,1,1,0: relu1_2 to relu4_x, as Johnson et al.)")
+    p.add_argument("--tv-weight", type=_float_over(0, inclusive=True), default=0.0)
+    p.set_defaults(func=_cmd_style)
+
     p = sub.add_parser("search", help="DeViSE search: text -> images, or image -> words and images "
                                       "(before any DeViSE run: image -> words by ConSE)")
     what = p.add_mutually_exclusive_group(required=True)
@@ -532,7 +692,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {_one_line(e)}", file=sys.stderr)
         return EXIT_FAILED
     except (OSError, StageIncomplete, ValueError, KeyError) as e:
-        if args.command in ("run", "demo", "devise", "gan", "wgan"):
+        if args.command in ("run", "demo", "devise", "gan", "wgan", "style"):
             raise  # inside a flow run: not an input we checked, so the traceback helps
         # a file or folder the user named that is missing, unreadable or of the wrong kind
         print(f"error: {_one_line(e)}", file=sys.stderr)

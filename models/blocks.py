@@ -23,9 +23,9 @@ def icnr_(weight: torch.Tensor, scale: int = 2, init=nn.init.kaiming_normal_) ->
 
 
 def conv_layer(ni: int, nf: int, ks: int = 3, stride: int = 1, *, norm_layer: type[nn.Module] | None = nn.BatchNorm2d,
-               act: bool = True, weight_normed: bool = False) -> nn.Sequential:
-    """conv -> norm -> ReLU, with the paper-default padding ``ks // 2``."""
-    conv = nn.Conv2d(ni, nf, ks, stride=stride, padding=ks // 2, bias=norm_layer is None)
+               act: bool = True, weight_normed: bool = False, padding_mode: str = "zeros") -> nn.Sequential:
+    """conv -> norm -> ReLU, with the paper-default padding ``ks // 2`` (zeros, or ``reflect``...)."""
+    conv = nn.Conv2d(ni, nf, ks, stride=stride, padding=ks // 2, bias=norm_layer is None, padding_mode=padding_mode)
     layers: list[nn.Module] = [weight_norm(conv) if weight_normed else conv]
     if norm_layer is not None:
         layers.append(norm_layer(nf))
@@ -75,10 +75,11 @@ class SelfAttention(nn.Module):
 class ResBlock(nn.Module):
     """x + conv-norm-ReLU-conv-norm(x)."""
 
-    def __init__(self, nf: int, *, norm_layer: type[nn.Module] | None = nn.BatchNorm2d, weight_normed: bool = False):
+    def __init__(self, nf: int, *, norm_layer: type[nn.Module] | None = nn.BatchNorm2d, weight_normed: bool = False,
+                 padding_mode: str = "zeros"):
         super().__init__()
-        self.convs = nn.Sequential(conv_layer(nf, nf, norm_layer=norm_layer, weight_normed=weight_normed),
-                                   conv_layer(nf, nf, norm_layer=norm_layer, act=False, weight_normed=weight_normed))
+        conv = dict(norm_layer=norm_layer, weight_normed=weight_normed, padding_mode=padding_mode)
+        self.convs = nn.Sequential(conv_layer(nf, nf, **conv), conv_layer(nf, nf, act=False, **conv))
 
     def forward(self, x):
         return x + self.convs(x)

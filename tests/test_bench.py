@@ -36,3 +36,15 @@ def test_train_gan_benchmark_times_both_phases(tmp_path, monkeypatch):
     results = train_gan.main(["--size", "32", "--batch", "4", "--images", "16", "--steps", "3", "--warmup", "1",
                               "--workers", "1", "--critic-nf", "8", "--encoder", "efficientnet_lite0"])
     assert [r["phase"] for r in results] == ["critic", "gan"] and all(r["images_per_s"] > 0 for r in results)
+
+
+@pytest.mark.slow
+def test_style_benchmark_times_gatys_and_the_fast_network(tmp_path, monkeypatch):
+    import style  # bench/style.py
+
+    monkeypatch.setenv("TMPDIR", str(tmp_path))
+    results = style.main(["--size", "48", "--iterations", "2", "--train-size", "32", "--batch", "2", "--steps", "3",
+                          "--warmup", "1", "--workers", "1", "--images", "16"])
+    assert [r["bench"] for r in results] == ["gatys", "fast_style_train", "fast_style_apply"]
+    assert results[0]["s_per_iteration"] > 0 and results[0]["overhead"] > 0
+    assert results[1]["images_per_s"] > 0 and results[2]["images_per_s"] > 0

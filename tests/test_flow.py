@@ -278,3 +278,32 @@ def test_gan_chain_flow_runs_every_stage_and_a_rerun_is_all_cached(prefect_serve
     w = wgan(source=str(sample_root), size=32, epochs=2, batch_size=8, critic_warmup=2)
     assert open_stage(w["wgan"]).manifest()["generator_steps"] > 0
     assert "data:image/png;base64," in asyncio.run(artifacts())["wgan-samples"].data
+
+
+def test_style_flow_trains_publishes_samples_and_a_rerun_is_cached(prefect_server, tier_env, sample_root, tmp_path):
+    from prefect.client.orchestration import get_client
+
+    from flows.style import style
+    from training.style import default_style, file_digest
+
+    with pytest.raises(ValueError, match="style image '.*nope.jpg' does not exist"):
+        style(source=str(sample_root), style_image=str(tmp_path / "nope.jpg"))
+    assert not (tier_env / "fast").exists()  # checked before any stage ran
+
+    painting = tmp_path / "painting.jpg"
+    shutil.copy(default_style(), painting)
+    params = {"source": str(sample_root), "style_image": str(painting), "size": 32, "epochs": 1, "batch_size": 8}
+    state = style(**params, return_state=True)
+    out = state.result()
+    m = open_stage(out["style"]).manifest()
+    assert m["style_digest"] == file_digest(painting) and m["epochs"] == 1
+    assert (Path(out["style"]) / "model.pt").is_file()
+
+    async def artifacts():
+        async with get_client() as client:
+            return {a.key: a for a in await client.read_latest_artifacts()}
+
+    assert "data:image/png;base64," in asyncio.run(artifacts())["style-samples"].data
+    rerun = style(**params, return_state=True)
+    assert rerun.result() == out
+    assert _task_states(rerun.state_details.flow_run_id)["style"] == ["Cached"]

@@ -22,6 +22,9 @@ def files(tmp_path, monkeypatch):
             return (__import__("os").system, (f"touch {tmp_path / 'PWNED'}",))
 
     torch.save({"model": Evil(), "superres": {"arch": "johnson", "scale": 4}}, tmp_path / "evil.pt")
+    from PIL import Image
+
+    Image.new("RGB", (40, 30), (200, 120, 40)).save(tmp_path / "photo.png")
     return tmp_path
 
 
@@ -51,6 +54,29 @@ CASES = {
     "devise bad zero-shot": (["devise", "--zero-shot", "motorcycle"], r"'motorcycle' is not a WordNet noun id"),
     "devise epochs 1": (["devise", "--epochs", "1"], r"argument --epochs: 1 is out of range; use a number >= 2"),
     "demo port": (["demo", "--port", "0"], r"argument --port: 0 is out of range"),
+    "stylize two paths": (["stylize", "{t}/photo.png", "{t}/out.png"],
+                          r"stylize --mode transfer takes CONTENT STYLE OUT \(3 paths\), got 2"),
+    "stylize missing content": (["stylize", "{t}/nope.jpg", "{t}/photo.png", "{t}/out.png"],
+                                r"image '.*/nope.jpg' does not exist"),
+    "stylize non-image style": (["stylize", "{t}/photo.png", "{t}/notes.txt", "{t}/out.png"],
+                                r"notes.txt' is not a readable image"),
+    "stylize output suffix": (["stylize", "{t}/photo.png", "{t}/photo.png", "{t}/out.txt"],
+                              r"output '.*/out.txt' has no image suffix"),
+    "stylize output folder": (["stylize", "{t}/photo.png", "{t}/photo.png", "{t}/nodir/out.png"],
+                              r"folder '.*/nodir' does not exist"),
+    "stylize style weights": (["stylize", "{t}/photo.png", "{t}/photo.png", "{t}/o.png", "--style-weights", "1,2"],
+                              r"'1,2': --style-weights takes 5 comma-separated numbers >= 0"),
+    "stylize negative lr": (["stylize", "--lr", "-1", "{t}/photo.png", "{t}/photo.png", "{t}/o.png"],
+                            r"argument --lr: -1 is out of range; use a number > 0"),
+    "stylize too many scales": (["stylize", "--size", "64", "--scales", "3", "{t}/photo.png", "{t}/photo.png",
+                                 "{t}/o.png"], r"3 scales start at 16 px; .*coarsest must be >= 32"),
+    "stylize pickle model": (["stylize", "--model", "{t}/evil.pt", "{t}/photo.png", "{t}/o.png"],
+                             r"evil.pt is not a plain weights file"),
+    "stylize model three paths": (["stylize", "--model", "{t}/evil.pt", "{t}/photo.png", "{t}/photo.png", "{t}/o.png"],
+                                  r"with --model, stylize takes CONTENT OUT \(2 paths\), got 3"),
+    "style missing image": (["style", "--style", "{t}/nope.jpg"], r"style image '.*/nope.jpg' does not exist"),
+    "style non-image": (["style", "--style", "{t}/notes.txt"], r"style image '.*/notes.txt' is not a readable image"),
+    "style weights": (["style", "--style-weights", "a,b"], r"'a,b' is not 5 comma-separated numbers"),
     "sample into a full folder": (["sample", "--out", "{t}"], r"is not empty; choose a new folder"),
 }
 

@@ -190,6 +190,16 @@ def test_superres_killed_after_a_checkpoint_resumes_to_the_same_weights(resized,
                          "from models.schedule import Phase\nfrom training.superres import SuperResConfig, SuperResStage")
 
 
+def test_fast_style_killed_after_a_checkpoint_resumes_to_the_same_weights(resized, tmp_path):
+    from training.style import FastStyleConfig, FastStyleStage, default_style, file_digest
+
+    style = default_style()
+    config = FastStyleConfig(epochs=4, batch_size=8, nf=8, n_res=1, eval_images=4, grid_rows=2, num_workers=2)
+    spec = FastStyleStage(images=str(resized(32).path), style_digest=file_digest(style), config=config,
+                          style=str(style), device="cpu")
+    _kill_resume_compare(spec, "train", tmp_path, "from training.style import FastStyleConfig, FastStyleStage")
+
+
 @pytest.fixture(scope="module")
 def devise_features(resized, tmp_path_factory):
     from training.devise.features import FeaturesConfig, FeaturesStage
