@@ -22,6 +22,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from models.distributed import rank_and_world
 from storage.hdf5 import DEFAULT_CHUNK_IMAGES, open_store
 
 log = logging.getLogger(__name__)
@@ -48,13 +49,17 @@ class ChunkShuffleStream(IterableDataset):
     def __init__(self, store: str | Path, batch_size: int, *, target_store: str | Path | None = None,
                  block_images: int | None = None,
                  buffer_blocks: int = 16, subset: float = 1.0, seed: int = 0, shuffle: bool = True,
-                 drop_last: bool = False, x_key: str = "images", keep_labels: Sequence[int] | None = None):
+                 drop_last: bool = False, x_key: str = "images", keep_labels: Sequence[int] | None = None,
+                 rank: int = 0, world: int = 1):
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         if not 0 < subset <= 1:
             raise ValueError(f"subset must be a fraction in (0, 1], got {subset}")
         if buffer_blocks < 1:
             raise ValueError(f"buffer_blocks must be >= 1, got {buffer_blocks}")
+        if not 0 <= rank < world:
+            raise ValueError(f"rank {rank} is not in 0..{world - 1}")
+        self.rank, self.world = rank, world
         if keep_labels is not None and target_store:
             raise ValueError("keep_labels filters by class label; a target_store pairs images instead")
         self.store, self.batch_size = str(store), batch_size
@@ -80,11 +85,13 @@ class ChunkShuffleStream(IterableDataset):
         self.block_images = block_images or chunk
         self.n = max(1, round(self.n_total * subset)) if self.n_total else 0
         self._keep = None  # (max label + 1,) bool, indexed by label
+        self._labels = None
         self.n_kept = self.n
         if keep_labels is not None:
             self._keep = np.zeros(max([int(labels.max()) if len(labels) else 0, *keep_labels]) + 1, bool)
             self._keep[list(keep_labels)] = True
-            self.n_kept = int(self._keep[labels[:self.n]].sum())
+            self._labels = labels[:self.n]
+            self.n_kept = int(self._keep[self._labels].sum())
         self._file = self._target = None
         self._pid = None
 
@@ -95,9 +102,16 @@ class ChunkShuffleStream(IterableDataset):
     def set_epoch(self, epoch: int) -> None:
         self._epoch.fill_(epoch)
 
+    @property
+    def rows_per_epoch(self) -> int:
+        """Rows this rank sees per epoch: all of them, or on N ranks an equal 1/N (the n % N rows
+        that fall last in the epoch's order are left out of that epoch, so every rank takes the
+        same number of steps)."""
+        return self.n_kept // self.world
+
     def __len__(self) -> int:
         """Batches per epoch (through ``make_loader``, with any number of workers)."""
-        n = self.n_kept
+        n = self.rows_per_epoch
         return n // self.batch_size if self.drop_last else math.ceil(n / self.batch_size)
 
     def __getstate__(self) -> dict:
@@ -112,20 +126,38 @@ class ChunkShuffleStream(IterableDataset):
             self._pid = os.getpid()
         return self._file
 
-    def _my_blocks(self) -> list[tuple[int, int]]:
+    def rank_segments(self) -> list[tuple[int, int]]:
+        """This rank's row ranges ``[a, b)`` for the epoch, in reading order. The blocks' order is a
+        function of (seed, epoch) only; on N ranks the epoch's rows in that order are cut into N
+        equal consecutive parts, one per rank: disjoint, together the whole epoch."""
         blocks = [(a, min(a + self.block_images, self.n)) for a in range(0, self.n, self.block_images)]
         order = np.random.default_rng([self.seed, self.epoch]).permutation(len(blocks)) if self.shuffle \
             else np.arange(len(blocks))
+        if self.world == 1:
+            return [blocks[i] for i in order]
+        rows = np.concatenate([np.arange(*blocks[i]) for i in order]) if blocks else np.empty(0, np.int64)
+        if self._keep is not None:
+            rows = rows[self._keep[self._labels[rows]]]
+        per = len(rows) // self.world
+        mine = rows[self.rank * per:(self.rank + 1) * per]
+        if not len(mine):
+            return []
+        breaks = np.flatnonzero(np.diff(mine) != 1) + 1  # runs of consecutive rows: contiguous reads
+        starts, ends = np.r_[0, breaks], np.r_[breaks, len(mine)]
+        return [(int(mine[a]), int(mine[b - 1]) + 1) for a, b in zip(starts, ends)]
+
+    def _my_blocks(self) -> list[tuple[int, int]]:
         info = get_worker_info()
         worker, workers = (info.id, info.num_workers) if info else (0, 1)
-        return [blocks[i] for i in order[worker::workers]]
+        return self.rank_segments()[worker::workers]
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         f = self._open()
         # targets: class labels, or the aligned images of the target store (low -> high pairs)
         images, labels = f[self.x_key], (self._target["images"] if self._target is not None else f["labels"])
         info = get_worker_info()
-        rng = np.random.default_rng([self.seed, self.epoch, 1 + (info.id if info else 0)])
+        rng = np.random.default_rng([self.seed, self.epoch, 1 + (info.id if info else 0)]
+                                    + ([self.rank] if self.world > 1 else []))
         blocks = self._my_blocks()
         carry_x = np.empty((0, *self.image_shape), images.dtype)
         carry_y = np.empty((0, *labels.shape[1:]), labels.dtype if self._target is not None else np.int64)
@@ -194,6 +226,8 @@ def make_loader(store: str | Path, batch_size: int, *, num_workers: int = 2, pin
     (seen here as workers dying at shutdown). They persist across epochs, so the start-up
     (~1-2 s: each imports torch) is paid once; ``loader.dataset.set_epoch(e)`` reaches them.
     """
+    if "rank" not in stream_kwargs and "world" not in stream_kwargs:  # under DDP: this rank's rows
+        stream_kwargs["rank"], stream_kwargs["world"] = rank_and_world()
     stream = ChunkShuffleStream(store, batch_size, **stream_kwargs)
     if pin_memory is None:
         pin_memory = torch.cuda.is_available()

@@ -32,6 +32,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from models import distributed
 from models.schedule import Phase, PhaseSchedule
 from storage.atomic import atomic_path
 
@@ -53,6 +54,7 @@ class TrainConfig:
     channels_last: bool = True  # CUDA only
     progress: bool | None = None  # a progress line on stderr; None: when stderr is a terminal
     tensorboard_dir: Path | None = None  # per-step loss/lr and per-epoch records, when set
+    lr_scaling: str = "linear"  # on N ranks (DDP): every lr x N ("linear", Goyal et al.) or as given ("none")
 
 
 def default_device(device: str | None = None) -> str:
@@ -176,6 +178,16 @@ class TrainingStep:
         ``loss`` (terms may differ from step to step: each is averaged over the steps it appears in)."""
         raise NotImplementedError
 
+    def distribute(self, wrap: Callable[[nn.Module], nn.Module]) -> None:
+        """Wrap each trained module for data-parallel training (DDP, models/distributed.py); a step
+        calls ``self.wrapped(name)`` for the forward pass of the model it is training, and the
+        plain module for one it is not (no gradient to synchronise)."""
+        self._wrapped = {name: wrap(m) for name, m in self.modules().items()}
+
+    def wrapped(self, name: str) -> nn.Module:
+        wrapped = getattr(self, "_wrapped", {}).get(name)
+        return wrapped if wrapped is not None else self.modules()[name]
+
     def extra_state(self) -> dict[str, Any]:
         """Plain values beyond the modules and optimizers a resume needs (e.g. a GAN switcher's mode)."""
         return {}
@@ -232,7 +244,7 @@ class ModelStep(TrainingStep):
     def step(self, x, y, *, lr, momentum, group_scales, device, bf16):
         set_hyperparameters(self.optimizer, lr, momentum, group_scales)
         with autocast(device, bf16):
-            terms = _terms(self.loss_fn(self.model(x), y))
+            terms = _terms(self.loss_fn(self.wrapped("model")(x), y))
         self.optimizer.zero_grad(set_to_none=True)
         terms["loss"].backward()
         if self.grad_clip:
@@ -272,8 +284,15 @@ def train(step_fn: TrainingStep, schedule: PhaseSchedule, batches: Batches, conf
     """
     device = torch.device(default_device(config.device))
     cuda = device.type == "cuda"
-    progress = sys.stderr.isatty() if config.progress is None else config.progress
+    rank, world = distributed.rank_and_world()
+    writes = rank == 0  # under DDP only rank 0 writes checkpoints, TensorBoard, logs and artifacts
+    if config.lr_scaling not in ("linear", "none"):
+        raise ValueError(f"lr_scaling must be 'linear' or 'none', got {config.lr_scaling!r}")
+    lr_factor = world if config.lr_scaling == "linear" else 1
+    progress = (sys.stderr.isatty() if config.progress is None else config.progress) and writes
     step_fn.to(device, channels_last=cuda and config.channels_last)
+    if world > 1:
+        step_fn.distribute(lambda m: distributed.wrap(m, device))
     ckpt = Path(config.checkpoint_dir) / CHECKPOINT
     # per loss term: its sum over the epoch's samples, and how many samples it was computed on
     # (a term may appear on some steps only, e.g. a GAN's generator and critic terms alternate)
@@ -291,12 +310,14 @@ def train(step_fn: TrainingStep, schedule: PhaseSchedule, batches: Batches, conf
         seed_everything(config.seed)
 
     def checkpoint() -> None:
+        if not writes:
+            return
         save_checkpoint(ckpt, **step_fn.state_dict(), step=step,
                         epoch=step // schedule.steps_per_epoch, rng=_rng_state(),
                         epoch_sums={k: float(v) for k, v in sums.items()}, epoch_counts=dict(counts),
                         history=history, config={**asdict(config), "checkpoint_dir": str(ckpt.parent)})
 
-    with _tensorboard(config.tensorboard_dir, step) as writer:
+    with _tensorboard(config.tensorboard_dir if writes else None, step) as writer:
         spe = schedule.steps_per_epoch
         for epoch in range(step // spe, schedule.epochs):
             phase_index = schedule.phase_of_epoch(epoch)
@@ -311,6 +332,7 @@ def train(step_fn: TrainingStep, schedule: PhaseSchedule, batches: Batches, conf
                 if i < skip:
                     continue
                 at_phase, lr, momentum = schedule.at(step)  # phases may change mid-epoch (a 1cycle's warm-up)
+                lr *= lr_factor
                 x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
                 if cuda and config.channels_last and x.dim() == 4:
                     x = x.contiguous(memory_format=torch.channels_last)
@@ -334,9 +356,18 @@ def train(step_fn: TrainingStep, schedule: PhaseSchedule, batches: Batches, conf
                     return history
             if skip + taken < spe:
                 raise ValueError(f"epoch {epoch} gave {skip + taken} batches; the schedule expects {spe} per epoch")
+            all_sums, all_counts = distributed.mean_over_ranks({k: float(v) for k, v in sums.items()}, counts)
             record = {"epoch": epoch, "phase": phase_index, "lr": lr, "step": step,
-                      **{name: float(total) / max(counts[name], 1) for name, total in sums.items()},
+                      **{name: total / max(all_counts[name], 1) for name, total in all_sums.items()},
                       "seconds": round(time.perf_counter() - start, 3)}
+            if world > 1:
+                record["ranks"] = world
+            if not writes:  # the other ranks go on: rank 0 evaluates, logs and checkpoints
+                history.append(record)
+                sums, counts = defaultdict(float), defaultdict(int)
+                if stop_after_steps is not None and step >= stop_after_steps:
+                    return history
+                continue
             if evaluate is not None:
                 step_fn.eval()
                 with torch.no_grad():

@@ -10,6 +10,21 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+_discard = False  # set in processes that compute alongside a writer but must not write (DDP ranks > 0)
+
+
+@contextmanager
+def discarding_writes() -> Iterator[None]:
+    """Inside this, every atomic write is carried out in its temporary file and then dropped: the
+    destination is never touched. For the ranks of a distributed run other than rank 0, which run
+    the same stage code while rank 0 alone writes its files."""
+    global _discard
+    before, _discard = _discard, True
+    try:
+        yield
+    finally:
+        _discard = before
+
 
 @contextmanager
 def atomic_path(path: Path, *, durable: bool = True) -> Iterator[Path]:
@@ -28,6 +43,9 @@ def atomic_path(path: Path, *, durable: bool = True) -> Iterator[Path]:
     os.chmod(tmp, 0o644)  # mkstemp makes 0600; artifacts are meant to be read by others
     try:
         yield tmp
+        if _discard:
+            tmp.unlink(missing_ok=True)
+            return
         if durable:
             with open(tmp, "rb+") as f:
                 os.fsync(f.fileno())

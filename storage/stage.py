@@ -316,3 +316,61 @@ def run_stage(tiers: Tiers, spec: StageSpec, report: Reporter | None = None, *,
                 log.info("%s: built %s in %.1f s", spec.name, stage.path, time.perf_counter() - start)
     spec.summarize(stage, report)
     return stage
+
+
+# --- a spec as text (to hand a stage to another process, e.g. the ranks torchrun starts) --------
+
+_SPEC_MODULES = ("prep.", "training.", "models.", "storage.")
+
+
+def _encode(value: Any) -> Any:
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        cls = type(value)
+        return {"__dataclass__": f"{cls.__module__}:{cls.__qualname__}",
+                "fields": {f.name: _encode(getattr(value, f.name)) for f in dataclasses.fields(value) if f.init}}
+    if isinstance(value, tuple):
+        return {"__tuple__": [_encode(v) for v in value]}
+    if isinstance(value, list):
+        return [_encode(v) for v in value]
+    if isinstance(value, dict):
+        return {"__dict__": {str(k): _encode(v) for k, v in value.items()}}
+    if isinstance(value, Path):
+        return str(value)
+    if value is None or isinstance(value, (str, int, float, bool)):
+        return value
+    raise TypeError(f"cannot encode {type(value).__name__} {value!r} in a stage spec")
+
+
+def _decode(value: Any) -> Any:
+    if isinstance(value, list):
+        return [_decode(v) for v in value]
+    if not isinstance(value, dict):
+        return value
+    if "__tuple__" in value:
+        return tuple(_decode(v) for v in value["__tuple__"])
+    if "__dict__" in value:
+        return {k: _decode(v) for k, v in value["__dict__"].items()}
+    module, _, name = value["__dataclass__"].partition(":")
+    if not module.startswith(_SPEC_MODULES):  # only our own classes: the text names no arbitrary code
+        raise ValueError(f"a stage spec may only hold imagesmith classes, not {module}:{name}")
+    import importlib
+
+    cls: Any = importlib.import_module(module)
+    for part in name.split("."):
+        cls = getattr(cls, part)
+    if not dataclasses.is_dataclass(cls):
+        raise ValueError(f"{module}:{name} is not a dataclass")
+    return cls(**{k: _decode(v) for k, v in value["fields"].items()})
+
+
+def spec_to_json(spec: StageSpec) -> str:
+    """The spec as JSON (dataclasses by module:name, tuples tagged): ``spec_from_json`` rebuilds an
+    equal spec, with the same stage key."""
+    return json.dumps(_encode(spec))
+
+
+def spec_from_json(text: str) -> StageSpec:
+    spec = _decode(json.loads(text))
+    if not isinstance(spec, StageSpec):
+        raise ValueError(f"not a stage spec: {type(spec).__name__}")
+    return spec

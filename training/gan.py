@@ -31,6 +31,7 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 
+from models import distributed
 from models.data import make_loader, to_unit
 from models.gan import Critic, CriticLoss, DCGANCritic, DCGANGenerator, adaptive_bce, critic_accuracy
 from models.schedule import Phase, PhaseSchedule, one_cycle
@@ -279,7 +280,8 @@ class GanStep(TrainingStep):
             self.gen_mode = False
         else:
             terms = self._critic_step(low, high, device, bf16)
-            if float(terms["critic"]) < self.critic_thresh:
+            # under DDP every rank must switch alike: the decision is on the loss averaged over ranks
+            if float(distributed.mean_scalar(terms["critic"])) < self.critic_thresh:
                 self.gen_mode = True
         return terms
 
@@ -290,7 +292,8 @@ class GanStep(TrainingStep):
         requires_grad(self.critic, True)
         with torch.no_grad(), autocast(device, bf16):
             fake = self.generator(low).float()
-        loss = (adaptive_bce(self.critic(high), True) + adaptive_bce(self.critic(fake), False)) / 2
+        critic = self.wrapped("critic")  # under DDP: the critic's gradients are averaged over the ranks
+        loss = (adaptive_bce(critic(high), True) + adaptive_bce(critic(fake), False)) / 2
         self.critic_opt.zero_grad(set_to_none=True)
         loss.backward()
         self.critic_opt.step()
@@ -302,7 +305,7 @@ class GanStep(TrainingStep):
         self.generator.train()
         requires_grad(self.generator, True)
         with autocast(device, bf16):
-            fake = self.generator(low)
+            fake = self.wrapped("generator")(low)
         fake = fake.float()
         adversarial = adaptive_bce(self.critic(fake), True)
         pixel = F.mse_loss(fake, high)
@@ -471,7 +474,8 @@ class WganStep(TrainingStep):
             with torch.no_grad():
                 fake = self.generator(z)
             # the critic maximises E[C(real)] - E[C(fake)]: minimise the negative
-            loss = self.critic(fake).mean() - self.critic(real).mean()
+            critic = self.wrapped("critic")
+            loss = critic(fake).mean() - critic(real).mean()
             self.critic_opt.zero_grad(set_to_none=True)
             loss.backward()
             self.critic_opt.step()
@@ -482,7 +486,7 @@ class WganStep(TrainingStep):
             return {"loss": loss, "critic": loss.detach(), "wasserstein_estimate": -loss.detach()}
         requires_grad(self.critic, False)
         requires_grad(self.generator, True)
-        loss = -self.critic(self.generator(z)).mean()
+        loss = -self.critic(self.wrapped("generator")(z)).mean()
         self.gen_opt.zero_grad(set_to_none=True)
         loss.backward()
         self.gen_opt.step()
