@@ -7,7 +7,7 @@ from typing import Annotated
 from prefect import flow
 from pydantic import Field
 
-from flows.pipeline import ImageSide, Seed, pipeline
+from flows.pipeline import Gpus, ImageSide, Seed, pipeline
 from storage.tiers import Tiers
 from storage.vector_index import DEFAULT_ANN_ABOVE
 from tasks.logs import route_stage_logs
@@ -37,6 +37,7 @@ def devise(
     word_vectors: str | None = None,
     ann_above: Annotated[int, Field(ge=0)] = DEFAULT_ANN_ABOVE,
     seed: Seed = 0,
+    gpus: Gpus = 1,
     refresh: bool = False,
     wait: bool = True,
 ) -> dict[str, object]:
@@ -62,6 +63,7 @@ def devise(
     model_dir = stage(DeviseStage(features=features, words=stages["words"], config=head), tiers, **run)
     outputs = {**stages, "devise-features": features, "devise": model_dir}
     if finetune:
-        model_dir = outputs["devise-finetune"] = stage(FinetuneStage(devise=model_dir, config=finetune), tiers, **run)
+        model_dir = outputs["devise-finetune"] = stage(FinetuneStage(devise=model_dir, config=finetune, gpus=gpus), tiers,
+                                                           **run)
     outputs["devise-index"] = stage(IndexStage(model=model_dir, ann_above=ann_above), tiers, **run)
     return outputs

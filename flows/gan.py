@@ -8,7 +8,7 @@ from typing import Annotated, Literal
 from prefect import flow
 from pydantic import Field
 
-from flows.pipeline import Crappifier, ImageSide, Seed, pipeline
+from flows.pipeline import Crappifier, Gpus, ImageSide, Seed, pipeline
 from storage.tiers import Tiers
 from tasks.logs import route_stage_logs
 from tasks.stages import stage
@@ -37,6 +37,7 @@ def gan(
     batch_size: Annotated[int, Field(ge=2)] = 8,
     pretrained: bool = True,
     seed: Seed = 0,
+    gpus: Gpus = 1,
     refresh: bool = False,
     wait: bool = True,
 ) -> dict[str, object]:
@@ -61,10 +62,11 @@ def gan(
                       words=False, **run)
     pairs = stages["crappify"]
     if generator is None:
-        generator = stage(SuperResStage(pairs=(pairs,), config=gen_config), tiers, **run)
+        generator = stage(SuperResStage(pairs=(pairs,), config=gen_config, gpus=gpus), tiers, **run)
     generated = stage(GeneratedStage(generator=generator, source=pairs), tiers, **run)
-    critic = stage(CriticStage(generated=generated, config=critic_config), tiers, **run)
-    gan_dir = stage(GanStage(generator=generator, critic=critic, pairs=pairs, config=gan_config), tiers, **run)
+    critic = stage(CriticStage(generated=generated, config=critic_config, gpus=gpus), tiers, **run)
+    gan_dir = stage(GanStage(generator=generator, critic=critic, pairs=pairs, config=gan_config, gpus=gpus), tiers,
+                    **run)
     return {**stages, "generator": generator, "generated": generated, "critic": critic, "gan": gan_dir}
 
 
@@ -80,6 +82,7 @@ def wgan(
     n_critic: Annotated[int, Field(ge=1)] = 5,
     critic_warmup: Annotated[int, Field(ge=1)] = 100,
     seed: Seed = 0,
+    gpus: Gpus = 1,
     refresh: bool = False,
     wait: bool = True,
 ) -> dict[str, object]:
@@ -91,5 +94,5 @@ def wgan(
     config = WganConfig(epochs=epochs, lr=lr, batch_size=batch_size, nf=nf, clip=clip, n_critic=n_critic,
                         critic_warmup=critic_warmup, seed=seed)
     stages = pipeline(source=source, seed=seed, size=size, words=False, refresh=refresh, wait=wait)
-    return {**stages, "wgan": stage(WganStage(images=stages["resize"], config=config), tiers, refresh=refresh,
+    return {**stages, "wgan": stage(WganStage(images=stages["resize"], config=config, gpus=gpus), tiers, refresh=refresh,
                                     wait=wait)}

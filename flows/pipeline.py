@@ -22,6 +22,7 @@ from tasks.stages import fingerprint_task, stage
 
 # parameter bounds the flow checks before it runs (the Prefect UI shows them on its run form)
 Seed = Annotated[int, Field(ge=0)]
+Gpus = Annotated[int, Field(ge=1, le=64)]  # training processes, one per GPU (DDP); on a CPU machine, gloo processes
 ImageSide = Annotated[int, Field(ge=8, le=4096)]
 Crappifier = Literal["jpeg_text", "downscale", "grayscale", "noise", "cutout"]
 

@@ -9,7 +9,7 @@ from typing import Annotated
 from prefect import flow
 from pydantic import Field
 
-from flows.pipeline import ImageSide, Seed, pipeline
+from flows.pipeline import Gpus, ImageSide, Seed, pipeline
 from storage.tiers import Tiers
 from tasks.logs import route_stage_logs
 from tasks.stages import stage
@@ -43,6 +43,7 @@ def style(
     style_weights: Annotated[list[Weight], Field(min_length=5, max_length=5)] = [1.0, 1.0, 1.0, 1.0, 0.0],  # noqa: B006
     tv_weight: Weight = 0.0,
     seed: Seed = 0,
+    gpus: Gpus = 1,
     refresh: bool = False,
     wait: bool = True,
 ) -> dict[str, str]:
@@ -60,5 +61,5 @@ def style(
                              style_weights=tuple(style_weights), tv_weight=tv_weight, seed=seed)
     stages = pipeline(source=source, seed=seed, size=size, words=False, refresh=refresh, wait=wait)
     spec = FastStyleStage(images=stages["resize"], style_digest=file_digest(path), config=config,
-                          style=str(path.resolve()))
+                          style=str(path.resolve()), gpus=gpus)
     return {**stages, "style": stage(spec, tiers, refresh=refresh, wait=wait)}

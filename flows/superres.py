@@ -7,7 +7,7 @@ from typing import Annotated, Literal
 from prefect import flow
 from pydantic import Field
 
-from flows.pipeline import Crappifier, ImageSide, Seed, pipeline
+from flows.pipeline import Crappifier, Gpus, ImageSide, Seed, pipeline
 from storage.stage import open_stage
 from storage.tiers import Tiers
 from tasks.logs import route_stage_logs
@@ -30,6 +30,7 @@ def superres(
     small_batch_size: Annotated[int, Field(ge=1)] | None = None,
     pretrained: bool = True,
     seed: Seed = 0,
+    gpus: Gpus = 1,
     refresh: bool = False,
     wait: bool = True,
 ) -> dict[str, object]:
@@ -48,6 +49,6 @@ def superres(
                                   small_batch_size=small_batch_size, pretrained=pretrained, seed=seed)
     crappified = [pipeline(source=source, seed=seed, size=high, crappifier=crappifier, crappify_size=low,
                            words=False, refresh=refresh, wait=wait) for high, low in sizes]
-    model_dir = stage(SuperResStage(pairs=tuple(c["crappify"] for c in crappified), config=config),
+    model_dir = stage(SuperResStage(pairs=tuple(c["crappify"] for c in crappified), config=config, gpus=gpus),
                       Tiers.from_env(), refresh=refresh, wait=wait)
     return {**crappified[-1], "superres": model_dir, "metrics": open_stage(model_dir).manifest()["evaluation"]}

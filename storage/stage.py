@@ -244,6 +244,13 @@ def runtime(default: Any = None) -> Any:
     return field(default=default, compare=False, metadata={"key": False})
 
 
+def scale_out(default: int = 1) -> Any:
+    """A spec field for the number of training processes (one per GPU; DDP, training/distributed.py).
+    It changes what a stage writes (N x the batch a step, the learning rate by the linear rule), so
+    it is in the key, except at its default: stages trained on one device keep their keys."""
+    return field(default=default, metadata={"omit_default": True})
+
+
 def upstream_key(path: str | Path | list) -> str | list:
     """``<stage>:<key>`` of a finished stage directory (or of each of a list of them)."""
     if isinstance(path, (list, tuple)):
@@ -278,6 +285,8 @@ class StageSpec:
             if not f.metadata.get("key", True):
                 continue
             value = getattr(self, f.name)
+            if f.metadata.get("omit_default") and value == f.default:
+                continue
             params[f.name] = upstream_key(value) if f.metadata.get("upstream") else _plain(value)
         return params
 

@@ -78,6 +78,15 @@ def _run_name(task_name: str):
 @task(task_run_name=_run_name("{stage}"), retry_condition_fn=retry_helps)
 def _stage(spec: StageSpec, tiers: Tiers, wait: bool = True) -> str:
     route_stage_logs()
+    gpus = getattr(spec, "gpus", 1)
+    if gpus > 1:  # torchrun with one process per GPU; rank 0's log lines and reports come back here
+        from prefect import get_run_logger
+
+        from training.distributed import run_distributed
+
+        logger = get_run_logger()
+        return str(run_distributed(tiers, spec, gpus, report=ArtifactReporter(), log_line=logger.info,
+                                   wait=wait).path)
     return str(run_stage(tiers, spec, ArtifactReporter(), wait=wait).path)
 
 

@@ -182,6 +182,42 @@ def test_superres_flow_resizes_progressively_evaluates_and_publishes_artifacts(p
     assert len(json.loads(latest["superres-epochs"].data)) == 4
 
 
+def test_a_training_stage_asked_for_2_gpus_runs_on_2_ranks_inside_its_task(prefect_server, tier_env, sample_root):
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId, LogFilter, LogFilterFlowRunId
+
+    from flows.superres import superres
+
+    params = {"source": str(sample_root), "arch": "johnson", "loss": "pixel", "high_size": 32, "low_size": 8,
+              "crappifier": "downscale", "epochs": 2, "batch_size": 4, "pretrained": False}
+    state = superres(**params, gpus=2, return_state=True)
+    out = state.result()
+    m = open_stage(out["superres"]).manifest()
+    assert m["params"]["gpus"] == 2 and (Path(out["superres"]) / "model.pt").is_file()
+    history = json.loads((Path(out["superres"]) / "history.json").read_text())
+    assert [h["ranks"] for h in history] == [2, 2]
+    flow_run_id = state.state_details.flow_run_id
+
+    async def logs_and_artifacts():
+        async with get_client() as client:
+            logs = await client.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run_id])))
+            runs = await client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
+            arts = {a.key: a for a in await client.read_latest_artifacts()}
+            return [entry.message for entry in logs], runs, arts
+
+    for _ in range(40):  # logs are shipped asynchronously
+        messages, runs, arts = asyncio.run(logs_and_artifacts())
+        if any("rank 0/2" in msg for msg in messages):
+            break
+        time.sleep(0.25)
+    assert any("rank 0/2" in msg and "epoch 2/2" in msg for msg in messages), messages[-20:]
+    assert "data:image/png;base64," in arts["superres-samples"].data  # rank 0's report, republished by the task
+    assert len(json.loads(arts["superres-epochs"].data)) == 2
+    # the 1-GPU stage is another stage (a different batch and learning rate): its own key
+    one = superres(**params)
+    assert one["superres"] != out["superres"]
+
+
 def test_devise_flow_trains_finetunes_indexes_and_publishes_hits(prefect_server, word_tiers, sample_root, monkeypatch):
     from prefect.client.orchestration import get_client
 

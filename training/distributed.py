@@ -32,11 +32,25 @@ from typing import Any
 from models import distributed
 from storage.atomic import discarding_writes
 from storage.report import Reporter
-from storage.stage import StageDir, StageSpec, run_stage, spec_from_json, spec_to_json
+from storage.stage import (
+    StageBusy,
+    StageDir,
+    StageIncomplete,
+    StageSpec,
+    run_stage,
+    spec_from_json,
+    spec_to_json,
+)
 from storage.tiers import Tiers
 
 log = logging.getLogger(__name__)
 REPORT_PREFIX = "IMAGESMITH-REPORT "
+ERROR_PREFIX = "IMAGESMITH-ERROR "
+# errors rank 0 hits that the launcher raises again as themselves: what a retry cannot mend, and a
+# busy stage (exit code 75 in the CLI); anything else is a RuntimeError with the run's last lines
+RAISED_AGAIN: dict[str, type[Exception]] = {"StageBusy": StageBusy, "ValueError": ValueError, "KeyError": KeyError,
+                                            "FileNotFoundError": FileNotFoundError, "MemoryError": MemoryError,
+                                            "StageIncomplete": StageIncomplete}
 
 
 class LineReporter(Reporter):
@@ -75,7 +89,7 @@ def _broadcast(value: Any) -> Any:
     return box[0]
 
 
-def run_rank(tiers: Tiers, spec: StageSpec) -> StageDir:
+def run_rank(tiers: Tiers, spec: StageSpec, *, wait: bool = True) -> StageDir:
     """What every rank runs (inside a torchrun-launched process group)."""
     rank, _ = distributed.rank_and_world()
     stage = spec.stage_dir(tiers)
@@ -88,7 +102,7 @@ def run_rank(tiers: Tiers, spec: StageSpec) -> StageDir:
             return spec.build(out, report)
 
         try:
-            run_stage(tiers, spec, LineReporter(), build=build)
+            run_stage(tiers, spec, LineReporter(), build=build, wait=wait)
         finally:
             if not went:  # complete already (or another run completed it): nothing to build
                 _broadcast("skip")
@@ -110,11 +124,14 @@ def main(argv: list[str] | None = None) -> int:
                         format=f"%(asctime)s | rank {rank}/{world} | %(levelname)s | %(name)s - %(message)s")
     code = 0
     try:
-        stage = run_rank(Tiers(fast=Path(job["fast"]), bulk=Path(job["bulk"])), spec_from_json(job["spec"]))
+        stage = run_rank(Tiers(fast=Path(job["fast"]), bulk=Path(job["bulk"])), spec_from_json(job["spec"]),
+                         wait=job.get("wait", True))
         if rank == 0:
             log.info("stage %s complete on %d ranks", stage.path, world)
-    except BaseException:  # noqa: BLE001  (reported here: the exit below skips Python's own report)
+    except BaseException as e:  # noqa: BLE001  (reported here: the exit below skips Python's own report)
         traceback.print_exc()
+        if rank == 0:  # the launcher raises the same kind of error (retries and exit codes depend on it)
+            print(ERROR_PREFIX + json.dumps({"type": type(e).__name__, "message": str(e)}), flush=True)
         code = 1
     finally:
         distributed.teardown()
@@ -127,12 +144,18 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run_distributed(tiers: Tiers, spec: StageSpec, nproc: int, *, report: Reporter | None = None,
-                    log_line: Callable[[str], None] = log.info, python: str = sys.executable) -> StageDir:
+                    log_line: Callable[[str], None] = log.info, wait: bool = True,
+                    python: str = sys.executable) -> StageDir:
     """Run ``spec`` on ``nproc`` processes of this machine (``torchrun --standalone``); rank 0's
     lines go to ``log_line``, its reports to ``report``. A failure raises with the exit code and
     the last lines. A rerun resumes from the stage's last checkpoint, as a 1-process run does."""
+    import torch
+
     if nproc < 1:
         raise ValueError(f"nproc must be >= 1, got {nproc}")
+    if torch.cuda.is_available() and nproc > torch.cuda.device_count():
+        raise ValueError(f"{nproc} training processes need {nproc} GPUs; this machine has {torch.cuda.device_count()}")
+    RAISED_AGAIN.setdefault("OutOfMemoryError", torch.OutOfMemoryError)
     stage = spec.stage_dir(tiers)
     if stage.is_complete:
         log.info("%s: %s is complete; nothing to do", spec.name, stage.path)
@@ -140,12 +163,14 @@ def run_distributed(tiers: Tiers, spec: StageSpec, nproc: int, *, report: Report
     report = report or Reporter()
     with tempfile.TemporaryDirectory(prefix="imagesmith-ddp-") as tmp:
         job = Path(tmp) / "job.json"
-        job.write_text(json.dumps({"spec": spec_to_json(spec), "fast": str(tiers.fast), "bulk": str(tiers.bulk)}))
+        job.write_text(json.dumps({"spec": spec_to_json(spec), "fast": str(tiers.fast), "bulk": str(tiers.bulk),
+                                   "wait": wait}))
         cmd = [python, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
                "--local-ranks-filter=0", "-m", "training.distributed", str(job)]
         env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
         log.info("%s: training on %d processes: %s", spec.name, nproc, " ".join(cmd))
         tail: deque[str] = deque(maxlen=30)
+        error: dict[str, str] = {}
         # its own process group: stopping this run (a cancelled task) stops torchrun and every rank
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
                                 cwd=Path(__file__).resolve().parents[1], start_new_session=True)
@@ -153,7 +178,10 @@ def run_distributed(tiers: Tiers, spec: StageSpec, nproc: int, *, report: Report
             assert proc.stdout is not None
             for line in proc.stdout:
                 line = line.rstrip("\n")
-                if not replay(line, report):
+                at = line.find(ERROR_PREFIX)
+                if at >= 0:
+                    error.update(json.loads(line[at + len(ERROR_PREFIX):]))
+                elif not replay(line, report):
                     tail.append(line)
                     log_line(line)
             code = proc.wait()
@@ -161,6 +189,8 @@ def run_distributed(tiers: Tiers, spec: StageSpec, nproc: int, *, report: Report
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
             raise
+    if code != 0 and error.get("type") in RAISED_AGAIN:
+        raise RAISED_AGAIN[error["type"]](error["message"])
     if code != 0 or not stage.is_complete:
         raise RuntimeError(f"{spec.name}: the {nproc}-process run failed (torchrun exit {code}); its last lines:\n"
                            + "\n".join(tail))

@@ -53,7 +53,7 @@ from storage.atomic import atomic_write_bytes, atomic_write_json
 from storage.catalog import crappified_pair, image_stores, store_rows
 from storage.hdf5 import ShardWriter, open_store
 from storage.report import Reporter, epoch_table
-from storage.stage import StageDir, StageSpec, open_stage, runtime, upstream
+from storage.stage import StageDir, StageSpec, open_stage, runtime, scale_out, upstream
 from training.superres import (
     evaluate_superres,
     export_generator,
@@ -207,6 +207,7 @@ class CriticStage(StageSpec):
     generated: str = upstream()
     config: CriticConfig = CriticConfig()
     device: str | None = runtime()
+    gpus: int = scale_out()  # training processes (DDP; training/distributed.py)
 
     def build(self, out: Path, report: Reporter) -> dict[str, Any]:
         config, device = self.config, default_device(self.device)
@@ -354,6 +355,7 @@ class GanStage(StageSpec):
     pairs: str = upstream()  # the crappify stage (low) whose source is the originals (high)
     config: GanConfig = GanConfig()
     device: str | None = runtime()
+    gpus: int = scale_out()  # training processes (DDP; training/distributed.py)
 
     def build(self, out: Path, report: Reporter) -> dict[str, Any]:
         config, device = self.config, default_device(self.device)
@@ -536,6 +538,7 @@ class WganStage(StageSpec):
     images: str = upstream()  # a resize stage
     config: WganConfig = WganConfig()
     device: str | None = runtime()
+    gpus: int = scale_out()  # training processes (DDP; training/distributed.py)
 
     def build(self, out: Path, report: Reporter) -> dict[str, Any]:
         config, device = self.config, default_device(self.device)

@@ -42,7 +42,7 @@ from storage.atomic import atomic_write_bytes, atomic_write_json
 from storage.catalog import image_stores
 from storage.hdf5 import open_store
 from storage.report import Reporter, epoch_table
-from storage.stage import StageDir, StageSpec, runtime, upstream
+from storage.stage import StageDir, StageSpec, runtime, scale_out, upstream
 from training.superres import grid_png, png_markdown
 
 log = logging.getLogger(__name__)
@@ -346,6 +346,7 @@ class FastStyleStage(StageSpec):
     config: FastStyleConfig = FastStyleConfig()
     style: str = runtime("")  # the style image's path (where to read it)
     device: str | None = runtime()
+    gpus: int = scale_out()  # training processes (DDP; training/distributed.py)
 
     def build(self, out: Path, report: Reporter) -> dict[str, Any]:
         config, device = self.config, default_device(self.device)

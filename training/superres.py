@@ -43,7 +43,7 @@ from storage.atomic import atomic_write_bytes, atomic_write_json
 from storage.catalog import crappified_pair, image_stores
 from storage.hdf5 import open_store
 from storage.report import Reporter, epoch_table
-from storage.stage import StageDir, StageSpec, runtime, upstream
+from storage.stage import StageDir, StageSpec, runtime, scale_out, upstream
 
 log = logging.getLogger(__name__)
 LOSSES = ("feature", "pixel")
@@ -366,6 +366,7 @@ class SuperResStage(StageSpec):
     pairs: tuple[str, ...] = upstream()  # crappify stage directories
     config: SuperResConfig = SuperResConfig()
     device: str | None = runtime()
+    gpus: int = scale_out()  # training processes (DDP; training/distributed.py)
 
     def build(self, out: Path, report: Reporter) -> dict[str, Any]:
         config = self.config

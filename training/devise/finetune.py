@@ -19,7 +19,7 @@ from storage.catalog import image_stores
 from storage.hdf5 import open_store
 from storage.image_vectors import EMBEDDINGS_FILE, write_embeddings
 from storage.report import Reporter, epoch_table
-from storage.stage import StageDir, StageSpec, open_stage, runtime, upstream
+from storage.stage import StageDir, StageSpec, open_stage, runtime, scale_out, upstream
 from storage.words import WordTable
 from training.devise.classes import ClassPlan, fit_batch_size
 from training.devise.evaluate import evaluate_devise, publish_hits
@@ -68,6 +68,7 @@ class FinetuneStage(StageSpec):
     devise: str = upstream()
     config: FinetuneConfig = FinetuneConfig()
     device: str | None = runtime()
+    gpus: int = scale_out()  # training processes (DDP; training/distributed.py)
 
     def build(self, out: Path, report: Reporter) -> dict[str, Any]:
         config = self.config
