@@ -48,6 +48,9 @@ def devise(
     ``finetune_epochs`` > 0 then trains body and head end to end. ``zero_shot``: wnids held out of
     training for zero-shot evaluation (default: the classes outside ImageNet-1k). Word vectors
     come from ``word_vectors`` (Google News / fastText file) or the bundled GloVe 50-d.
+    ``gpus`` > 1 runs the fine-tuning on that many processes (DDP, one per GPU; gloo processes on
+    a CPU machine): its batch size is per process and its learning rate x ``gpus``. The head
+    trains on precomputed features in seconds: one process.
     """
     route_stage_logs()
     tiers = Tiers.from_env()

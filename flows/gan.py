@@ -48,6 +48,8 @@ def gan(
     super-resolution stage directory to start from; the critic is pretrained on its outputs vs the
     originals; then the GAN phase runs ``gan_epochs`` at a constant ``gan_lr`` (critic at 5x),
     switching adaptively at ``critic_thresh``, generator loss = adversarial + ``pixel_weight`` x MSE.
+    ``gpus`` > 1 trains on that many processes (DDP, one per GPU; gloo processes on a CPU
+    machine): the batch size is per process and the learning rate x ``gpus`` (models/distributed.py).
     """
     route_stage_logs()
     tiers = Tiers.from_env()
@@ -88,7 +90,8 @@ def wgan(
 ) -> dict[str, object]:
     """A WGAN (noise -> ``size`` px images) trained on ``source`` (default: the bundled sample)
     resized to ``size``: DCGAN networks, weight clipping, ``n_critic`` critic steps a generator step
-    (``critic_warmup`` for the first 25 and every 500th), RMSprop at ``lr``."""
+    (``critic_warmup`` for the first 25 and every 500th), RMSprop at ``lr``. ``gpus`` > 1 trains on that many processes (DDP, one per GPU; gloo processes on a CPU
+    machine): the batch size is per process and the learning rate x ``gpus`` (models/distributed.py)."""
     route_stage_logs()
     tiers = Tiers.from_env()
     config = WganConfig(epochs=epochs, lr=lr, batch_size=batch_size, nf=nf, clip=clip, n_critic=n_critic,

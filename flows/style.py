@@ -52,7 +52,8 @@ def style(
     (default: the bundled sample) resized to ``size``, ``epochs`` of 1cycle at ``lr``; loss =
     ``content_weight`` x content (relu2_2) + style grams per VGG block weighted by ``style_weights``
     (+ ``tv_weight`` x total variation). Returns ``{stage: directory}``; apply the result with
-    ``imagesmith stylize --model <style dir> IN OUT``."""
+    ``imagesmith stylize --model <style dir> IN OUT``. ``gpus`` > 1 trains on that many processes (DDP, one per GPU; gloo processes on a CPU
+    machine): the batch size is per process and the learning rate x ``gpus`` (models/distributed.py)."""
     route_stage_logs()
     tiers = Tiers.from_env()
     # every parameter is checked before any work

@@ -40,8 +40,9 @@ def superres(
     With ``progressive_from`` (e.g. 64 for 128, as lesson 7 does 128 then 256), it trains first on
     ``progressive_from``-pixel targets (inputs scaled alike, ``small_batch_size``, default 2x
     ``batch_size``) and then at ``high_size``: at each size a 1cycle of ``epochs`` with the
-    encoder frozen, then one with it unfrozen at discriminative rates. Without it, one 1cycle
-    with the U-Net's encoder at 1/10 of the learning rate.
+    encoder frozen, then one with it unfrozen at discriminative rates. Without it, the same two
+    steps at ``high_size`` alone. ``gpus`` > 1 trains on that many processes (DDP, one per GPU; gloo processes on a CPU
+    machine): the batch size is per process and the learning rate x ``gpus`` (models/distributed.py).
     """
     route_stage_logs()
     sizes, config = superres_plan(arch=arch, loss=loss, high_size=high_size, low_size=low_size,

@@ -120,6 +120,11 @@ def _check_pipeline_args(args: argparse.Namespace) -> None:
             check_vector_path(args.word_vectors)
     except (OSError, ValueError) as e:
         raise UsageError(str(e)) from None
+    if getattr(args, "gpus", 1) > 1:
+        import torch
+
+        if torch.cuda.is_available() and args.gpus > torch.cuda.device_count():
+            raise UsageError(f"--gpus {args.gpus}: this machine has {torch.cuda.device_count()} GPU(s)")
 
 
 def _run_pipeline(args: argparse.Namespace) -> dict[str, str]:
@@ -343,12 +348,36 @@ def _cmd_style(args: argparse.Namespace) -> int:
     outputs = style(source=args.source, style_image=args.style, size=args.size, epochs=args.epochs, lr=args.lr,
                     batch_size=args.batch_size, content_weight=args.content_weight,
                     style_weights=list(args.style_weights), tv_weight=args.tv_weight, seed=args.seed,
-                    refresh=args.refresh, wait=not args.no_wait)
+                    gpus=args.gpus, refresh=args.refresh, wait=not args.no_wait)
     m = open_stage(outputs["style"]).manifest()
     print(f"style {outputs['style']}: {m['epochs']} epochs on {m['image_side']} px images, final loss "
           f"{m['final_loss']:.4f} (val {m['val_loss'] if m['val_loss'] is None else round(m['val_loss'], 4)})")
     print(f"style image: {m['style']}\nsamples every epoch: {outputs['style']}/{m['samples']}/\n"
           f"apply it: imagesmith stylize --model {outputs['style']} IN.jpg OUT.png")
+    return 0
+
+
+def _cmd_superres(args: argparse.Namespace) -> int:
+    from flows.superres import superres
+
+    _check_pipeline_args(args)
+    if args.high_size % args.low_size:
+        raise UsageError(f"--high-size {args.high_size} must be a multiple of --low-size {args.low_size}")
+    if args.progressive_from is not None and not args.low_size < args.progressive_from < args.high_size:
+        raise UsageError(f"--progressive-from {args.progressive_from} must lie between --low-size {args.low_size} "
+                         f"and --high-size {args.high_size}")
+    outputs = superres(source=args.source, arch=args.arch, loss=args.loss, high_size=args.high_size,
+                       low_size=args.low_size, progressive_from=args.progressive_from, crappifier=args.crappifier,
+                       epochs=args.epochs, lr=args.lr, batch_size=args.batch_size,
+                       pretrained=not args.no_pretrained, seed=args.seed, gpus=args.gpus, refresh=args.refresh,
+                       wait=not args.no_wait)
+    m = outputs["metrics"]
+    print(f"model: {outputs['superres']}/model.pt  (imagesmith enhance MODEL IN OUT)")
+    if m:
+        verdict = "beats" if m["psnr_model"] > m["psnr_bicubic"] and m["ssim_model"] > m["ssim_bicubic"] else \
+            "does NOT beat"
+        print(f"held-out images: PSNR {m['psnr_model']:.2f} dB (bicubic {m['psnr_bicubic']:.2f}), SSIM "
+              f"{m['ssim_model']:.4f} (bicubic {m['ssim_bicubic']:.4f}): the model {verdict} bicubic on both")
     return 0
 
 
@@ -366,7 +395,7 @@ def _cmd_devise(args: argparse.Namespace) -> int:
     outputs = devise(source=args.source, size=args.size, backbone=args.backbone, pretrained=not args.no_pretrained,
                      epochs=args.epochs, batch_size=args.batch_size, finetune_epochs=args.finetune_epochs,
                      zero_shot=args.zero_shot, word_vectors=args.word_vectors, ann_above=args.ann_above,
-                     seed=args.seed, refresh=args.refresh, wait=not args.no_wait)
+                     seed=args.seed, gpus=args.gpus, refresh=args.refresh, wait=not args.no_wait)
     model_dir = outputs.get("devise-finetune", outputs["devise"])
     print(format_hits(open_stage(model_dir).manifest()["metrics"]))
     print(f"model: {model_dir}\nsearch index: {outputs['devise-index']}")
@@ -385,7 +414,7 @@ def _cmd_gan(args: argparse.Namespace) -> int:
     outputs = gan(source=args.source, high_size=args.high_size, low_size=args.low_size, crappifier=args.crappifier,
                   generator=args.generator, generator_epochs=args.generator_epochs, critic_epochs=args.critic_epochs,
                   gan_epochs=args.epochs, batch_size=args.batch_size, pretrained=not args.no_pretrained,
-                  seed=args.seed, refresh=args.refresh, wait=not args.no_wait)
+                  seed=args.seed, gpus=args.gpus, refresh=args.refresh, wait=not args.no_wait)
     m, critic = open_stage(outputs["gan"]).manifest(), open_stage(outputs["critic"]).manifest()
     for name in ("generator", "generated", "critic", "gan"):
         print(f"{name:<10} {outputs[name]}")
@@ -408,7 +437,8 @@ def _cmd_wgan(args: argparse.Namespace) -> int:
 
     _check_pipeline_args(args)
     outputs = wgan(source=args.source, size=args.size, epochs=args.epochs, batch_size=args.batch_size,
-                   critic_warmup=args.critic_warmup, seed=args.seed, refresh=args.refresh, wait=not args.no_wait)
+                   critic_warmup=args.critic_warmup, seed=args.seed, gpus=args.gpus, refresh=args.refresh,
+                   wait=not args.no_wait)
     m = open_stage(outputs["wgan"]).manifest()
     print(f"wgan {outputs['wgan']}: {m['epochs']} epochs, {m['generator_steps']} generator steps; "
           f"samples every epoch in {outputs['wgan']}/{m['samples']}/")
@@ -523,6 +553,12 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
                                           "(default: the bundled GloVe 6B 50-d)")
 
 
+def _add_gpus(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--gpus", type=_int_in(1, 64), default=1,
+                   help="training processes, one per GPU (DDP through torchrun; gloo processes on a CPU "
+                        "machine); the batch size is per process, the learning rate x N")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="imagesmith", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -574,6 +610,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tile", type=_int_in(16), default=256, help="tile side in input pixels (bounds memory)")
     p.set_defaults(func=_cmd_enhance)
 
+    p = sub.add_parser("superres", help="super-resolution: crappify the sample (or --source), train, evaluate vs bicubic")
+    _add_run_options(p)
+    p.add_argument("--arch", choices=["unet", "johnson"], default="unet")
+    p.add_argument("--loss", choices=["feature", "pixel"], default="feature")
+    p.add_argument("--high-size", type=_int_in(*SIZE_RANGE), default=128, help="side of the targets")
+    p.add_argument("--low-size", type=_int_in(8, 1024), default=32, help="side of the crappified inputs")
+    p.add_argument("--progressive-from", type=_int_in(*SIZE_RANGE),
+                   help="train first at this target side, then at --high-size (lesson 7's 128 then 256)")
+    p.add_argument("--crappifier", default="jpeg_text", choices=CRAPPIFIERS)
+    p.add_argument("--epochs", type=_int_in(2), default=10, help="per 1cycle (frozen, then unfrozen)")
+    p.add_argument("--lr", type=_float_over(0, inclusive=False), default=1e-3)
+    p.add_argument("--batch-size", type=_int_in(1), default=8)
+    p.add_argument("--no-pretrained", action="store_true", help="random encoder and loss network (asked for)")
+    _add_gpus(p)
+    p.set_defaults(func=_cmd_superres)
+
     p = sub.add_parser("devise", help="train DeViSE (images -> word vectors) and build its search index")
     _add_run_options(p)
     p.add_argument("--size", type=_int_in(*SIZE_RANGE), default=224, help="square side of the image store")
@@ -588,6 +640,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--zero-shot", nargs="+", metavar="WNID",
                    help="classes held out of training (default: the classes outside ImageNet-1k)")
     p.add_argument("--ann-above", type=_int_in(0), default=100_000, help="use an HNSW index above this many images")
+    _add_gpus(p)
     p.set_defaults(func=_cmd_devise)
 
     p = sub.add_parser("gan", help="GAN restoration: pretrained generator and critic, then the adaptive GAN phase")
@@ -602,6 +655,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--epochs", type=_int_in(1), default=3, help="GAN phase epochs")
     p.add_argument("--batch-size", type=_int_in(2), default=8)
     p.add_argument("--no-pretrained", action="store_true", help="random encoder weights (asked for)")
+    _add_gpus(p)
     p.set_defaults(func=_cmd_gan)
 
     p = sub.add_parser("wgan", help="a WGAN: noise -> images, trained on the sample (or --source) resized")
@@ -611,6 +665,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=_int_in(2), default=64)
     p.add_argument("--critic-warmup", type=_int_in(1), default=100,
                    help="critic steps before each of the first 25 generator steps (the paper's 100)")
+    _add_gpus(p)
     p.set_defaults(func=_cmd_wgan)
 
     p = sub.add_parser("stylize", help="paint an image in the style of another: Gatys optimisation (CONTENT STYLE OUT) "
@@ -652,6 +707,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--style-weights", type=_floats(5, "--style-weights"), default=(1.0, 1.0, 1.0, 1.0, 0.0),
                    help="one weight per VGG block (default 1,1,1,1,0: relu1_2 to relu4_x, as Johnson et al.)")
     p.add_argument("--tv-weight", type=_float_over(0, inclusive=True), default=0.0)
+    _add_gpus(p)
     p.set_defaults(func=_cmd_style)
 
     p = sub.add_parser("search", help="DeViSE search: text -> images, or image -> words and images "
@@ -692,7 +748,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {_one_line(e)}", file=sys.stderr)
         return EXIT_FAILED
     except (OSError, StageIncomplete, ValueError, KeyError) as e:
-        if args.command in ("run", "demo", "devise", "gan", "wgan", "style"):
+        if args.command in ("run", "demo", "superres", "devise", "gan", "wgan", "style"):
             raise  # inside a flow run: not an input we checked, so the traceback helps
         # a file or folder the user named that is missing, unreadable or of the wrong kind
         print(f"error: {_one_line(e)}", file=sys.stderr)

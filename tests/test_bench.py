@@ -48,3 +48,43 @@ def test_style_benchmark_times_gatys_and_the_fast_network(tmp_path, monkeypatch)
     assert [r["bench"] for r in results] == ["gatys", "fast_style_train", "fast_style_apply"]
     assert results[0]["s_per_iteration"] > 0 and results[0]["overhead"] > 0
     assert results[1]["images_per_s"] > 0 and results[2]["images_per_s"] > 0
+
+
+@pytest.mark.slow
+def test_gpu_sh_runs_every_benchmark_and_collects_their_results(tmp_path):
+    """bench/gpu.sh with BENCH_TINY=1: the same script and benchmarks, tiny sizes, on the CPU."""
+    import os
+    import subprocess
+
+    repo = Path(__file__).parent.parent
+    results = tmp_path / "gpu-results.txt"
+    done = subprocess.run(["bash", "bench/gpu.sh", str(results)], cwd=repo, capture_output=True, text=True,
+                          env={**os.environ, "BENCH_TINY": "1", "TMPDIR": str(tmp_path)}, timeout=600)
+    assert done.returncode == 0, done.stdout + done.stderr
+    lines = results.read_text().splitlines()
+    names = {line.split()[1] for line in lines if line.startswith("RESULT ")}
+    assert names == {"train_devise", "train_superres", "train_gan", "style", "ddp_scaling"}, results.read_text()
+    assert not any("failed" in line for line in lines), results.read_text()
+    assert lines[-1].startswith("# total ")
+
+
+@pytest.mark.slow
+def test_imagenet_plan_measures_each_stage_dask_and_disk(tmp_path, monkeypatch):
+    import imagenet_plan
+
+    monkeypatch.setenv("TMPDIR", str(tmp_path))
+    results = imagenet_plan.main(["--classes", "3", "--per-class", "8", "--shard-images", "8", "--size", "32"])
+    stages = [r["stage"] for r in results]
+    assert stages == ["list", "resize", "crappify", "resize_dask_vs_pool", "disk_224", "disk_256", "jpeg_in_hdf5"]
+    assert all(r["images_per_s"] > 0 for r in results[:3]) and results[3]["dask_overhead"] > 0
+    assert round(results[4]["hdf5_gb"], 1) == 192.9  # 1,281,167 x 224 x 224 x 3 bytes
+
+
+@pytest.mark.slow
+def test_ddp_scaling_benchmark_runs_1_and_2_processes(tmp_path, monkeypatch):
+    import ddp_scaling
+
+    monkeypatch.setenv("TMPDIR", str(tmp_path))
+    (r,) = ddp_scaling.main(["--nproc", "2", "--size", "32", "--batch", "2", "--steps", "4", "--warmup", "1",
+                             "--images", "64", "--workers", "0", "--arch", "johnson"])
+    assert r["images_per_s_1"] > 0 and r["images_per_s_n"] > 0 and r["efficiency"] > 0

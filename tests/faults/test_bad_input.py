@@ -77,6 +77,10 @@ CASES = {
     "style missing image": (["style", "--style", "{t}/nope.jpg"], r"style image '.*/nope.jpg' does not exist"),
     "style non-image": (["style", "--style", "{t}/notes.txt"], r"style image '.*/notes.txt' is not a readable image"),
     "style weights": (["style", "--style-weights", "a,b"], r"'a,b' is not 5 comma-separated numbers"),
+    "superres gpus 0": (["superres", "--gpus", "0"], r"argument --gpus: 0 is out of range; use a number between 1 and 64"),
+    "superres sizes": (["superres", "--high-size", "100", "--low-size", "32"], r"--high-size 100 must be a multiple"),
+    "superres progressive": (["superres", "--progressive-from", "200"], r"--progressive-from 200 must lie between"),
+    "gan gpus": (["gan", "--gpus", "x"], r"argument --gpus: 'x' is not a whole number"),
     "sample into a full folder": (["sample", "--out", "{t}"], r"is not empty; choose a new folder"),
 }
 
