@@ -1,20 +1,118 @@
-"""The demo: the pipeline on the bundled sample, then DeViSE (and ConSE) on its pretrained backbone."""
+"""The demo: every model family, small, on the bundled sample, in one flow run.
+
+pipeline (224 px store + word table) -> DeViSE head (+ ConSE) and a two-epoch fine-tune -> search
+index; super-resolution (U-Net, feature loss, 32 -> 64 px) -> the GAN chain on that generator
+(generated store, critic, GAN phase); a WGAN at 64 px; fast style transfer at 128 px. Each family
+is a subflow: one that fails does not hide the others, and the run ends Failed naming it. The run
+publishes a summary artifact (stage, state, time, key figure), built or cached.
+"""
 
 from __future__ import annotations
 
+import logging
+import shutil
+import time
+from typing import Any
+
 from prefect import flow
+from prefect.artifacts import create_markdown_artifact
 
 from flows.devise import devise
-from flows.pipeline import Seed, pipeline
+from flows.gan import gan, wgan
+from flows.pipeline import Seed, detach, pipeline
+from flows.style import style
+from flows.summary import markdown_table, stage_row
+from flows.superres import superres
+from storage.tiers import Tiers
 from tasks.logs import route_stage_logs
 
+log = logging.getLogger(__name__)
 
-@flow(name="imagesmith-demo")
-def demo(seed: Seed = 0, refresh: bool = False, wait: bool = True) -> dict[str, object]:
-    """Every stage on the bundled sample: listing, resize (224 px), crappify (jpeg_text at 96 px),
-    the word table, then DeViSE on the bundled EfficientNet-Lite0 (or a local ResNet-50) with ConSE
-    beside it, and the search index. Returns ``{stage: directory}``."""
+# Sized to finish in about 10 minutes on 2 CPU cores from a fresh clone (docs/BENCHMARKS.md, "demo"):
+# a smaller cut of the bundled sample (the same 15 classes), then every family on it
+SAMPLE = {"sample_train_per_class": 20, "sample_val_per_class": 4}
+DEMO = {
+    "devise": {"epochs": 20, "batch_size": 64, "finetune_epochs": 2, "finetune_batch_size": 32},
+    "superres": {"arch": "unet", "loss": "feature", "high_size": 64, "low_size": 32, "epochs": 2, "batch_size": 16},
+    "gan": {"high_size": 64, "low_size": 32, "critic_epochs": 1, "gan_epochs": 1, "batch_size": 16},
+    "wgan": {"size": 64, "epochs": 3, "batch_size": 32, "critic_warmup": 5},
+    "style": {"size": 128, "epochs": 1, "batch_size": 4},
+}
+# the directories each family's flow returns that are its own stages (the pipeline's are listed once)
+FAMILY_STAGES = {
+    "pipeline": ["dataset", "listing", "resize", "words"],
+    "devise": ["devise-features", "devise", "devise-finetune", "devise-index"],
+    "superres": ["crappify", "superres"],
+    "gan": ["generated", "critic", "gan"],
+    "wgan": ["wgan"],
+    "style": ["style"],
+}
+
+
+def clear_scratch_tiers(tiers: Tiers) -> None:
+    """Empty both tiers, which must lie under a folder named ``scratch`` (nothing else is ever cleared)."""
+    for root in (tiers.fast, tiers.bulk):
+        if "scratch" not in root.parts:
+            raise ValueError(f"scratch=True deletes the tiers, and {root} is not under a folder named 'scratch'; "
+                             "set IMAGESMITH_FAST_DIR and IMAGESMITH_BULK_DIR to e.g. data/scratch/fast and "
+                             "data/scratch/bulk (the demo-nightly deployment does)")
+    for root in (tiers.fast, tiers.bulk):
+        if root.exists():
+            log.info("demo: clearing the scratch tier %s", root)
+            shutil.rmtree(root)
+
+
+def summary_rows(results: dict[str, Any], since: float) -> list[dict[str, Any]]:
+    """One row per stage of every family (a failed family: one row with its error)."""
+    rows = []
+    for family, names in FAMILY_STAGES.items():
+        outputs = results.get(family)
+        if isinstance(outputs, BaseException):
+            rows.append({"family": family, "stage": "-", "state": "FAILED", "seconds": None,
+                         "figure": f"{type(outputs).__name__}: {outputs}"[:300], "key": ""})
+            continue
+        for name in names:
+            path = (outputs or {}).get(name)
+            row = stage_row(family, name, path, since) if path else None
+            if row:
+                rows.append(row)
+    return rows
+
+
+@flow(name="imagesmith-demo", flow_run_name="demo-seed{seed}", timeout_seconds=3600)
+def demo(seed: Seed = 0, refresh: bool = False, wait: bool = True, scratch: bool = False) -> dict[str, Any]:
+    """Every model family on the bundled sample (module docstring). Returns ``{family: {stage: dir}}``
+    plus ``summary`` (the rows of the table the CLI prints and the run publishes). ``scratch``: start
+    from empty tiers (the nightly deployment: it then really rebuilds everything); allowed only when
+    both tiers lie under a folder named ``scratch``, since it deletes them."""
     route_stage_logs()
+    since = time.time()
+    if scratch:
+        clear_scratch_tiers(Tiers.from_env())
     run = {"seed": seed, "refresh": refresh, "wait": wait}
-    stages = pipeline(crappifier="jpeg_text", crappify_size=96, **run)
-    return {**stages, **devise(epochs=20, batch_size=64, **run)}
+    results: dict[str, Any] = {"pipeline": detach(pipeline(**SAMPLE, **run))}
+    source = results["pipeline"]["dataset"]  # the sample's folder: every family lists it as a dataset
+
+    def family(name: str, fn, **params: Any) -> dict[str, Any] | BaseException:
+        state = fn(source=source, **params, **run, return_state=True)
+        results[name] = detach(state.result(raise_on_failure=False))
+        return results[name]
+
+    family("devise", devise, **DEMO["devise"])
+    sr = family("superres", superres, **DEMO["superres"])
+    if isinstance(sr, BaseException):
+        results["gan"] = RuntimeError("skipped: its generator is the super-res stage, which failed")
+    else:
+        family("gan", gan, generator=sr["superres"], **DEMO["gan"])
+    family("wgan", wgan, **DEMO["wgan"])
+    family("style", style, **DEMO["style"])
+    rows = summary_rows(results, since)
+    built = sum(r["state"] == "built" for r in rows)
+    create_markdown_artifact(key="demo-summary", markdown=f"# imagesmith demo: {built} stage(s) built, "
+                             f"{len(rows) - built} cached\n\n" + markdown_table(rows),
+                             description="Every stage of the demo: built by this run or cached, time, key figure")
+    failed = [f for f, r in results.items() if isinstance(r, BaseException)]
+    if failed:
+        raise RuntimeError(f"demo: {', '.join(failed)} failed: "
+                           + "; ".join(f"{f}: {results[f]}" for f in failed))
+    return {**results, "summary": rows}

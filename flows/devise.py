@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+import time
+from typing import Annotated, Literal
 
 from prefect import flow
 from pydantic import Field
 
-from flows.pipeline import Gpus, ImageSide, Seed, pipeline
+from flows.naming import run_name
+from flows.pipeline import Gpus, ImageSide, Seed, detach, pipeline
+from flows.summary import publish_summary
+from models.devise import classification_backbones
 from storage.tiers import Tiers
 from storage.vector_index import DEFAULT_ANN_ABOVE
 from tasks.logs import route_stage_logs
@@ -17,12 +21,15 @@ from training.devise.finetune import FinetuneConfig, FinetuneStage
 from training.devise.head import DeviseStage, HeadConfig
 from training.devise.search import IndexStage
 
+# the UI's run form offers these; "auto": a local ResNet-50 file, else the bundled EfficientNet-Lite0
+Backbone = Literal[tuple(["auto", *classification_backbones()])]  # type: ignore[valid-type]
 
-@flow(name="imagesmith-devise")
+
+@flow(name="imagesmith-devise", flow_run_name=run_name("devise-{data}-{backbone}-{size}px-seed{seed}"))
 def devise(
     source: str | None = None,
     size: ImageSide = 224,
-    backbone: str = "auto",
+    backbone: Backbone = "auto",
     pretrained: bool = True,
     flips: bool = True,
     epochs: Annotated[int, Field(ge=2)] = 10,
@@ -53,6 +60,7 @@ def devise(
     trains on precomputed features in seconds: one process.
     """
     route_stage_logs()
+    since = time.time()
     tiers = Tiers.from_env()
     run = {"refresh": refresh, "wait": wait}
     # every parameter is checked before any work
@@ -61,7 +69,7 @@ def devise(
     features_config = FeaturesConfig(backbone=backbone, pretrained=pretrained, flips=flips, seed=seed)
     finetune = FinetuneConfig(epochs=finetune_epochs, lr=finetune_lr, batch_size=finetune_batch_size,
                               seed=seed) if finetune_epochs else None
-    stages = pipeline(source=source, seed=seed, size=size, words=True, word_vectors=word_vectors, **run)
+    stages = detach(pipeline(source=source, seed=seed, size=size, words=True, word_vectors=word_vectors, **run))
     features = stage(FeaturesStage(resize=stages["resize"], config=features_config), tiers, **run)
     model_dir = stage(DeviseStage(features=features, words=stages["words"], config=head), tiers, **run)
     outputs = {**stages, "devise-features": features, "devise": model_dir}
@@ -69,4 +77,5 @@ def devise(
         model_dir = outputs["devise-finetune"] = stage(FinetuneStage(devise=model_dir, config=finetune, gpus=gpus), tiers,
                                                            **run)
     outputs["devise-index"] = stage(IndexStage(model=model_dir, ann_above=ann_above), tiers, **run)
+    publish_summary("devise", outputs, since)
     return outputs

@@ -3,12 +3,15 @@ critic -> GAN phase; and the WGAN on a store of images. Each step is a stage: ca
 
 from __future__ import annotations
 
+import time
 from typing import Annotated, Literal
 
 from prefect import flow
 from pydantic import Field
 
-from flows.pipeline import Crappifier, Gpus, ImageSide, Seed, pipeline
+from flows.naming import run_name
+from flows.pipeline import Crappifier, Gpus, ImageSide, Seed, detach, pipeline
+from flows.summary import publish_summary
 from storage.tiers import Tiers
 from tasks.logs import route_stage_logs
 from tasks.stages import stage
@@ -19,7 +22,7 @@ Epochs = Annotated[int, Field(ge=1)]
 PositiveFloat = Annotated[float, Field(gt=0)]
 
 
-@flow(name="imagesmith-gan")
+@flow(name="imagesmith-gan", flow_run_name=run_name("gan-{data}-{low_size}to{high_size}px-seed{seed}"))
 def gan(
     source: str | None = None,
     high_size: ImageSide = 64,
@@ -52,6 +55,7 @@ def gan(
     machine): the batch size is per process and the learning rate x ``gpus`` (models/distributed.py).
     """
     route_stage_logs()
+    since = time.time()
     tiers = Tiers.from_env()
     run = {"refresh": refresh, "wait": wait}
     critic_config = CriticConfig(epochs=critic_epochs, nf=critic_nf, batch_size=batch_size, seed=seed)
@@ -60,8 +64,8 @@ def gan(
     _, gen_config = superres_plan(arch="unet", loss="pixel", high_size=high_size, low_size=low_size,
                                   epochs=generator_epochs, lr=generator_lr, batch_size=batch_size,
                                   pretrained=pretrained, seed=seed)
-    stages = pipeline(source=source, seed=seed, size=high_size, crappifier=crappifier, crappify_size=low_size,
-                      words=False, **run)
+    stages = detach(pipeline(source=source, seed=seed, size=high_size, crappifier=crappifier, crappify_size=low_size,
+                             words=False, **run))
     pairs = stages["crappify"]
     if generator is None:
         generator = stage(SuperResStage(pairs=(pairs,), config=gen_config, gpus=gpus), tiers, **run)
@@ -69,10 +73,12 @@ def gan(
     critic = stage(CriticStage(generated=generated, config=critic_config, gpus=gpus), tiers, **run)
     gan_dir = stage(GanStage(generator=generator, critic=critic, pairs=pairs, config=gan_config, gpus=gpus), tiers,
                     **run)
-    return {**stages, "generator": generator, "generated": generated, "critic": critic, "gan": gan_dir}
+    outputs = {**stages, "generator": generator, "generated": generated, "critic": critic, "gan": gan_dir}
+    publish_summary("gan", outputs, since)
+    return outputs
 
 
-@flow(name="imagesmith-wgan")
+@flow(name="imagesmith-wgan", flow_run_name=run_name("wgan-{data}-{size}px-seed{seed}"))
 def wgan(
     source: str | None = None,
     size: Literal[32, 64, 128] = 64,
@@ -93,9 +99,12 @@ def wgan(
     (``critic_warmup`` for the first 25 and every 500th), RMSprop at ``lr``. ``gpus`` > 1 trains on that many processes (DDP, one per GPU; gloo processes on a CPU
     machine): the batch size is per process and the learning rate x ``gpus`` (models/distributed.py)."""
     route_stage_logs()
+    since = time.time()
     tiers = Tiers.from_env()
     config = WganConfig(epochs=epochs, lr=lr, batch_size=batch_size, nf=nf, clip=clip, n_critic=n_critic,
                         critic_warmup=critic_warmup, seed=seed)
-    stages = pipeline(source=source, seed=seed, size=size, words=False, refresh=refresh, wait=wait)
-    return {**stages, "wgan": stage(WganStage(images=stages["resize"], config=config, gpus=gpus), tiers, refresh=refresh,
-                                    wait=wait)}
+    stages = detach(pipeline(source=source, seed=seed, size=size, words=False, refresh=refresh, wait=wait))
+    outputs = {**stages, "wgan": stage(WganStage(images=stages["resize"], config=config, gpus=gpus), tiers,
+                                       refresh=refresh, wait=wait)}
+    publish_summary("wgan", outputs, since)
+    return outputs

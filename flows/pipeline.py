@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+import time
+from typing import Annotated, Any, Literal
 
 from prefect import flow
 from pydantic import Field
 
+from flows.naming import run_name
 from flows.shards import run_sharded
+from flows.summary import publish_summary
 from prep.crappify import CrappifyConfig, CrappifyStage
 from prep.listing import ListingStage, check_source
 from prep.resize import DEFAULT_SIZE, ResizeConfig, ResizeStage
@@ -27,7 +30,23 @@ ImageSide = Annotated[int, Field(ge=8, le=4096)]
 Crappifier = Literal["jpeg_text", "downscale", "grayscale", "noise", "cutout"]
 
 
-@flow(name="imagesmith-pipeline")
+def detach(value: Any) -> Any:
+    """A subflow's result as fresh objects, to hand to tasks (and other subflows) of the caller.
+
+    Prefect links the objects a subflow returns to its flow run, and a task given one records a
+    flow-run input, which Prefect's default UI cannot draw: the task run's page is blank ("Invalid
+    TaskInputResponse"). Equal copies are plain parameters; the lineage shows as the subflow run.
+    """
+    if isinstance(value, str):
+        return value.encode().decode()  # equal, but a new object (an ASCII decode always allocates)
+    if isinstance(value, dict):
+        return {k: detach(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(detach(v) for v in value)
+    return value
+
+
+@flow(name="imagesmith-pipeline", flow_run_name=run_name("pipeline-{data}-{size}px-seed{seed}"))
 def pipeline(
     source: str | None = None,
     seed: Seed = 0,
@@ -56,6 +75,7 @@ def pipeline(
     building a stage this one needs (else fail at once with StageBusy).
     """
     route_stage_logs()
+    since = time.time()
     tiers = Tiers.from_env()
     # every parameter is checked before any work
     resize = ResizeConfig(size=size, shard_images=shard_images)
@@ -76,4 +96,5 @@ def pipeline(
         vectors = vectors or stage(GloveStage(), tiers, **run)
         wordnet = stage(WordnetStage(source=str(wordnet_source())), tiers, **run)
         outputs["words"] = stage(EmbeddingStage(vectors=vectors, wordnet=wordnet, max_words=max_words), tiers, **run)
+    publish_summary("pipeline", outputs, since)
     return outputs

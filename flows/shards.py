@@ -8,12 +8,14 @@ from contextlib import nullcontext
 from typing import Any
 
 from prefect import flow, unmapped
+from prefect.futures import as_completed
 from prefect.task_runners import ProcessPoolTaskRunner, TaskRunner, ThreadPoolTaskRunner
 
 from prep.shards import Shard, ShardedStage, local_parallelism
 from storage.tiers import Tiers
+from tasks.artifacts import ArtifactReporter
 from tasks.logs import route_stage_logs
-from tasks.stages import join_task, plan_task, shard_task
+from tasks.stages import holding_slots, join_task, note_used, plan_task, shard_task
 
 DASK_ENV = "IMAGESMITH_DASK_ADDRESS"
 
@@ -42,11 +44,20 @@ def run_shards(spec: ShardedStage, tiers: Tiers, shards: list[Shard], *, dask_ad
     """Every shard task of a stage, in the subflow ``<stage>-shards`` on the right runner."""
     runner, workers = shard_runner(len(shards), dask_address)
 
-    @flow(name=f"{spec.name}-shards", task_runner=runner, validate_parameters=False)
+    name = f"{spec.name}-{spec.stage_dir(tiers).key[:8]}-{len(shards)}-shards"
+
+    @flow(name=f"{spec.name}-shards", flow_run_name=name, task_runner=runner, validate_parameters=False)
     def shards_flow(spec: Any, tiers: Any, shards: list, workers: int | None) -> list[dict[str, Any]]:
         route_stage_logs()
-        return shard_task(spec, tiers, refresh=refresh).map(
-            unmapped(spec), unmapped(tiers), shards, unmapped(workers)).result()
+        futures = shard_task(spec, tiers, refresh=refresh).map(unmapped(spec), unmapped(tiers), shards,
+                                                                unmapped(workers))
+        # one progress artifact for the stage, updated in place as shards finish
+        progress = ArtifactReporter(spec.stage_dir(tiers).key[:8])
+        what = f"{spec.name}: shards done of {len(shards)}"
+        progress.progress(f"{spec.name}-shards", 0.0, what)
+        for done, _ in enumerate(as_completed(futures), start=1):
+            progress.progress(f"{spec.name}-shards", done / len(shards), f"{what} ({done} done)")
+        return futures.result()
 
     return shards_flow(spec, tiers, shards, workers)
 
@@ -58,6 +69,10 @@ def run_sharded(spec: ShardedStage, tiers: Tiers, *, dask_address: str | None = 
     stage = spec.stage_dir(tiers)
     with nullcontext() if stage.is_complete else stage.lock(wait=wait):
         shards = plan_task(spec)(spec, tiers)
-        if shards:
-            run_shards(spec, tiers, shards, dask_address=dask_address, refresh=refresh)
-        return join_task(spec, tiers, refresh=refresh)(spec, tiers, shards)
+        if shards:  # on this machine's cores: one sharded stage at a time across runs (tasks/stages.py)
+            remote = dask_address or os.environ.get(DASK_ENV)
+            with nullcontext() if remote else holding_slots(spec):
+                run_shards(spec, tiers, shards, dask_address=dask_address, refresh=refresh)
+        path = join_task(spec, tiers, refresh=refresh)(spec, tiers, shards)
+    note_used(tiers, path)
+    return path

@@ -3,13 +3,16 @@ the resized images against one style image. Cached by the style image's bytes, n
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Annotated
 
 from prefect import flow
 from pydantic import Field
 
-from flows.pipeline import Gpus, ImageSide, Seed, pipeline
+from flows.naming import run_name
+from flows.pipeline import Gpus, ImageSide, Seed, detach, pipeline
+from flows.summary import publish_summary
 from storage.tiers import Tiers
 from tasks.logs import route_stage_logs
 from tasks.stages import stage
@@ -31,7 +34,7 @@ def check_style_image(path: str | Path) -> Path:
     return path
 
 
-@flow(name="imagesmith-style")
+@flow(name="imagesmith-style", flow_run_name=run_name("style-{data}-{style}-{size}px-seed{seed}"))
 def style(
     source: str | None = None,
     style_image: str | None = None,
@@ -55,12 +58,15 @@ def style(
     ``imagesmith stylize --model <style dir> IN OUT``. ``gpus`` > 1 trains on that many processes (DDP, one per GPU; gloo processes on a CPU
     machine): the batch size is per process and the learning rate x ``gpus`` (models/distributed.py)."""
     route_stage_logs()
+    since = time.time()
     tiers = Tiers.from_env()
     # every parameter is checked before any work
     path = check_style_image(style_image) if style_image else default_style()
     config = FastStyleConfig(epochs=epochs, lr=lr, batch_size=batch_size, content_weight=content_weight,
                              style_weights=tuple(style_weights), tv_weight=tv_weight, seed=seed)
-    stages = pipeline(source=source, seed=seed, size=size, words=False, refresh=refresh, wait=wait)
+    stages = detach(pipeline(source=source, seed=seed, size=size, words=False, refresh=refresh, wait=wait))
     spec = FastStyleStage(images=stages["resize"], style_digest=file_digest(path), config=config,
                           style=str(path.resolve()), gpus=gpus)
-    return {**stages, "style": stage(spec, tiers, refresh=refresh, wait=wait)}
+    outputs = {**stages, "style": stage(spec, tiers, refresh=refresh, wait=wait)}
+    publish_summary("style", outputs, since)
+    return outputs

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import time
 from typing import Annotated, Literal
 
 from prefect import flow
 from pydantic import Field
 
-from flows.pipeline import Crappifier, Gpus, ImageSide, Seed, pipeline
+from flows.naming import run_name
+from flows.pipeline import Crappifier, Gpus, ImageSide, Seed, detach, pipeline
+from flows.summary import publish_summary
 from storage.stage import open_stage
 from storage.tiers import Tiers
 from tasks.logs import route_stage_logs
@@ -15,7 +18,8 @@ from tasks.stages import stage
 from training.superres import SuperResStage, superres_plan
 
 
-@flow(name="imagesmith-superres")
+@flow(name="imagesmith-superres",
+      flow_run_name=run_name("superres-{data}-{arch}-{loss}-{low_size}to{high_size}px-seed{seed}"))
 def superres(
     source: str | None = None,
     arch: Literal["unet", "johnson"] = "unet",
@@ -45,11 +49,14 @@ def superres(
     machine): the batch size is per process and the learning rate x ``gpus`` (models/distributed.py).
     """
     route_stage_logs()
+    since = time.time()
     sizes, config = superres_plan(arch=arch, loss=loss, high_size=high_size, low_size=low_size,
                                   progressive_from=progressive_from, epochs=epochs, lr=lr, batch_size=batch_size,
                                   small_batch_size=small_batch_size, pretrained=pretrained, seed=seed)
-    crappified = [pipeline(source=source, seed=seed, size=high, crappifier=crappifier, crappify_size=low,
-                           words=False, refresh=refresh, wait=wait) for high, low in sizes]
+    crappified = [detach(pipeline(source=source, seed=seed, size=high, crappifier=crappifier, crappify_size=low,
+                                  words=False, refresh=refresh, wait=wait)) for high, low in sizes]
     model_dir = stage(SuperResStage(pairs=tuple(c["crappify"] for c in crappified), config=config, gpus=gpus),
                       Tiers.from_env(), refresh=refresh, wait=wait)
-    return {**crappified[-1], "superres": model_dir, "metrics": open_stage(model_dir).manifest()["evaluation"]}
+    outputs = {**crappified[-1], "superres": model_dir}
+    publish_summary("superres", outputs, since)
+    return {**outputs, "metrics": open_stage(model_dir).manifest()["evaluation"]}

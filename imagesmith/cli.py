@@ -72,7 +72,7 @@ def _cmd_doctor(args: argparse.Namespace) -> int:
     if info["backend"] != "pillow-simd":
         print("  WARNING: plain Pillow is active; resizing runs ~2x slower. Run `make setup` as root to build pillow-simd.")
     print(f"torch           : {torch.__version__} (CUDA available: {torch.cuda.is_available()})")
-    print(f"prefect         : {prefect.__version__} (API: {os.environ.get('PREFECT_API_URL') or 'none: ephemeral mode'})")
+    print(f"prefect         : {prefect.__version__}; API: {_api_url()[1]}")
     print(f"h5py / HDF5     : {h5py.__version__} / {h5py.version.hdf5_version}")
     from models.backbones import DEVISE_BACKBONES, LOSS_NETWORKS, UNET_ENCODERS
     from models.weights import weights_report
@@ -499,11 +499,13 @@ def _conse_search(args: argparse.Namespace) -> int:
 
 
 def _cmd_server(args: argparse.Namespace) -> int:
-    from imagesmith.server import api_url, is_healthy, start_server, stop_server
+    from imagesmith.server import api_url, ensure_operations, is_healthy, start_server, stop_server
 
     if args.action == "start":
         url, started = start_server(port=args.port)
         print(f"prefect server {'started' if started else 'already running'}: UI {url.removesuffix('/api')}")
+        for change in ensure_operations(url):
+            print(f"  created {change}")
     elif args.action == "stop":
         print("stopped" if stop_server() else "no server started by imagesmith is recorded")
     else:
@@ -513,29 +515,145 @@ def _cmd_server(args: argparse.Namespace) -> int:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    from imagesmith.server import start_server
+    from imagesmith.server import ensure_operations, start_server
 
     url, started = start_server(port=args.port)
     print(f"prefect server {'started' if started else 'already running'} at {url}")
+    ensure_operations(url)
     # in the environment, not only in this process's settings: shard tasks run in child processes
     # that must report to the same server (otherwise each starts a server-less one of its own)
     os.environ["PREFECT_API_URL"] = url
     from flows.demo import demo
-    from storage.stage import open_stage
+    from flows.summary import format_table
     from training.devise.evaluate import format_hits
 
-    outputs = demo(seed=args.seed, refresh=args.refresh, wait=not args.no_wait)
-    _print_outputs({k: v for k, v in outputs.items() if k in ("dataset", "listing", "resize", "crappify", "words")})
-    m = open_stage(outputs["devise"]).manifest()
-    print(f"\nDeViSE on {m['backbone']} ({(m['backbone_weights'] or {}).get('detail', 'random weights')}):")
-    print(format_hits(m["metrics"]))
-    print("\nclasses never trained on (rank of their name among the ImageNet-21k classes; nearest WordNet nouns):")
-    for r in m["zero_shot_classes"]:
-        print(f"  {r['class']:<12} DeViSE {r['rank_21k']:>6} / {r['of']}   ConSE {r.get('conse_rank_21k', '-')!s:>6}"
-              f"   {r['nearest_nouns']}")
-    print(f"\nsearch index: {outputs['devise-index']}  (imagesmith search --text \"horse\"; --image photo.jpg)")
-    print(f"Prefect UI: {url.removesuffix('/api')}  (flow runs, task runs, logs and artifacts)")
+    state = demo(seed=args.seed, refresh=args.refresh, wait=not args.no_wait, return_state=True)
+    result = state.result(raise_on_failure=False)
+    rows = result.get("summary") if isinstance(result, dict) else None
+    if rows:
+        print("\n" + format_table(rows))
+        devise_dir = next((r["path"] for r in rows if r["stage"] == "devise-finetune"), None) or \
+            next((r["path"] for r in rows if r["stage"] == "devise"), None)
+        if devise_dir:
+            from storage.stage import open_stage
+
+            print(f"\nDeViSE hit@k on held-out images ({Path(devise_dir).parent.name}):")
+            print(format_hits(open_stage(devise_dir).manifest()["metrics"]))
+    print(f"\nPrefect UI: {url.removesuffix('/api')}/runs/flow-run/{state.state_details.flow_run_id}  "
+          "(task runs, logs, the demo-summary artifact)")
     print("stop the server with: make stop-server")
+    if state.is_failed():
+        print(f"error: {_one_line(result) if isinstance(result, BaseException) else state.message}", file=sys.stderr)
+        return EXIT_FAILED
+    return 0
+
+
+def _human(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+def _api_url() -> tuple[str | None, str]:
+    """(the Prefect API that answers, or None; what was found). PREFECT_API_URL when set, else a
+    local server on the default port; without either, runs are ephemeral and nobody sees them."""
+    from imagesmith.server import api_url, is_healthy
+
+    url = os.environ.get("PREFECT_API_URL")
+    if url:
+        if is_healthy(url):
+            return url, f"PREFECT_API_URL={url} (healthy)"
+        return None, f"PREFECT_API_URL={url} does not answer; start it (`imagesmith server start`) or unset it"
+    if is_healthy(api_url()):
+        return api_url(), f"a local server at {api_url()} (healthy; set PREFECT_API_URL to it so runs report there)"
+    return None, ("none: no PREFECT_API_URL and nothing answers on 127.0.0.1:4200, so a run is ephemeral "
+                  "(it never appears in a UI); start a server with `imagesmith server start`")
+
+
+def _recent_flow_runs(url: str, limit: int) -> list:
+    import asyncio
+
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterParentTaskRunId
+    from prefect.client.schemas.sorting import FlowRunSort
+
+    os.environ["PREFECT_API_URL"] = url
+
+    async def read():
+        async with get_client() as client:  # top-level runs only (subflows are listed under them in the UI)
+            return await client.read_flow_runs(
+                flow_run_filter=FlowRunFilter(parent_task_run_id=FlowRunFilterParentTaskRunId(is_null_=True)),
+                sort=FlowRunSort.START_TIME_DESC, limit=limit)
+
+    return asyncio.run(read())
+
+
+def _cmd_status(args: argparse.Namespace) -> int:
+    from storage.archive import stage_inventory
+    from storage.tiers import Tiers
+
+    tiers = Tiers.from_env()
+    rows = stage_inventory(tiers)
+    if args.json:
+        print(json.dumps(rows, indent=1))
+        return 0
+    print(f"stages (fast: {tiers.fast}, bulk: {tiers.bulk}):")
+    if not rows:
+        print("  none yet (imagesmith demo builds them)")
+    for tier in ("fast", "bulk"):
+        mine = [r for r in rows if r["tier"] == tier]
+        if mine:
+            total = sum(r["bytes"] for r in mine)
+            print(f"  {tier} tier: {len(mine)} stage(s), {_human(total)}")
+        for r in sorted(mine, key=lambda r: (r["stage"], r.get("completed_unix") or 0)):
+            note = f"  archived -> {r['archived_to']}" if r.get("archived_to") else ""
+            print(f"    {r['stage']:<16} {r['key']}  {r['state']:<10} {_human(r['bytes']):>10}  "
+                  f"{r.get('completed_at') or '-':<24}{note}")
+    url, what = _api_url()
+    if url is None:
+        print(f"\nlast runs: {what}")
+        return 0
+    runs = _recent_flow_runs(url, args.runs)
+    order = {"FAILED": 0, "CRASHED": 0, "CANCELLED": 1, "RUNNING": 2, "PENDING": 2, "SCHEDULED": 3}
+    runs.sort(key=lambda r: order.get(r.state_type.value if r.state_type else "", 4))
+    print(f"\nlast {len(runs)} run(s) at {url} (failed first):")
+    for r in runs:
+        start = r.start_time.strftime("%Y-%m-%d %H:%M:%S") if r.start_time else "-"
+        print(f"  {r.state_name or '-':<10} {start:<20} {r.name:<40} {url.removesuffix('/api')}/runs/flow-run/{r.id}")
+    return 0
+
+
+def _cmd_gc(args: argparse.Namespace) -> int:
+    from storage.archive import collect_garbage
+    from storage.tiers import Tiers
+
+    result = collect_garbage(Tiers.from_env(), args.keep, dry_run=args.dry_run)
+    verb = "would remove" if args.dry_run else "removed"
+    for path in result["removed"]:
+        print(f"  {verb} {path}")
+    print(f"{verb} {len(result['removed'])} stage(s) ({_human(result['freed_bytes'])}) from the fast tier; kept "
+          f"{len(result['kept'])} used by the last {result['runs']} run(s) and "
+          f"{len(result['skipped_unfinished'])} unfinished or being built")
+    return 0
+
+
+def _cmd_archive(args: argparse.Namespace) -> int:
+    from storage.archive import ARCHIVE_RECORD, archive_stage, stage_dirs
+    from storage.stage import open_stage
+    from storage.tiers import Tiers
+
+    tiers = Tiers.from_env()
+    if args.stages:
+        paths = [_finished_stage(p, "a stage", "STAGE_DIR") for p in args.stages]
+    else:  # every finished model on the fast tier not archived yet
+        paths = [p for p in stage_dirs(tiers, "fast") if (p / "manifest.json").is_file()
+                 and not (p / ARCHIVE_RECORD).is_file() and {"model", "critic"} & set(open_stage(p).manifest())]
+    for path in paths:
+        record = archive_stage(open_stage(path), tiers)
+        print(f"  {path} -> {record['archived_to']} ({record['files']} files, {_human(record['bytes'])})")
+    print(f"archived {len(paths)} stage(s)")
     return 0
 
 
@@ -582,8 +700,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="add the aligned low-quality store (stage 4) made by this crappifier")
     p.set_defaults(func=_cmd_run)
 
-    p = sub.add_parser("demo", help="start a local Prefect server if none runs, then run the pipeline and DeViSE "
-                                    "on the bundled sample")
+    p = sub.add_parser("demo", help="start a local Prefect server if none runs, then train every model family "
+                                    "small on the bundled sample (about 10 min on 2 cores) and print a summary")
     p.add_argument("--seed", type=_int_in(0), default=0, help="shuffle (and initial weights) seed")
     p.add_argument("--refresh", action="store_true", help="rerun cached tasks")
     p.add_argument("--no-wait", action="store_true", help="fail at once (exit 75) when another run builds a stage")
@@ -718,6 +836,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-k", type=_int_in(1), default=10)
     p.add_argument("--index", help="a devise-index stage directory (default: the newest on the fast tier)")
     p.set_defaults(func=_cmd_search)
+
+    p = sub.add_parser("status", help="every stage on both tiers (state, key, size, completion, archive) and the "
+                                      "last runs from the Prefect API, failed first")
+    p.add_argument("--runs", type=_int_in(1, 200), default=10, help="how many recent runs to list")
+    p.add_argument("--json", action="store_true", help="the stages as JSON")
+    p.set_defaults(func=_cmd_status)
+
+    p = sub.add_parser("gc", help="free the fast tier: remove finished stages that none of the last N runs used "
+                                  "(nor anything those runs' stages read)")
+    p.add_argument("--keep", type=_int_in(1), required=True, help="keep every stage the last N runs used")
+    p.add_argument("--dry-run", action="store_true", help="list what would be removed; remove nothing")
+    p.set_defaults(func=_cmd_gc)
+
+    p = sub.add_parser("archive", help="copy trained models (model, history, evaluation, grids) to the bulk tier, "
+                                       "checksummed; done after every training stage, this redoes failed copies")
+    p.add_argument("stages", nargs="*", metavar="STAGE_DIR", help="stage directories (default: every finished "
+                                                                  "model on the fast tier not archived yet)")
+    p.set_defaults(func=_cmd_archive)
 
     p = sub.add_parser("server", help="manage the local Prefect server (127.0.0.1, PREFECT_HOME=.prefect)")
     p.add_argument("action", choices=["start", "stop", "status"])

@@ -67,6 +67,75 @@ def start_server(host: str = DEFAULT_HOST, port: int = DEFAULT_PORT, timeout: fl
     raise TimeoutError(f"prefect server did not answer at {url} within {timeout:.0f} s; see {log_path}")
 
 
+ZOMBIE_AUTOMATION = "imagesmith: crash flow runs whose heartbeats stopped"
+HEARTBEAT_S = 60  # prefect.toml [flows] heartbeat_frequency: a running flow run says so every minute
+MISSED_HEARTBEATS = 3  # ... and is marked Crashed after this many minutes of silence
+
+
+def ensure_operations(url: str, *, heartbeat_s: int = HEARTBEAT_S, gpus: int | None = None) -> list[str]:
+    """Make the server ready for imagesmith's runs, idempotently; returns what it created or changed.
+
+    - The automation that marks a flow run Crashed when its heartbeats stop (a killed worker or
+      machine): without it such a run stays Running forever, cannot be retried, and a cancel hangs.
+    - The global concurrency limits the stages take slots of (tasks/stages.py): ``imagesmith-gpu``
+      with one slot per GPU here (1 on a machine without one: training then uses all the cores) and
+      ``imagesmith-cpu`` with 1 slot (one core-hungry stage at a time across runs).
+    """
+    from datetime import timedelta
+
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate, GlobalConcurrencyLimitUpdate
+    from prefect.events.actions import ChangeFlowRunState
+    from prefect.events.schemas.automations import AutomationCore, EventTrigger, Posture
+    from prefect.events.schemas.events import ResourceSpecification
+    from prefect.exceptions import ObjectNotFound
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    from tasks.stages import CPU_LIMIT, GPU_LIMIT
+
+    if gpus is None:
+        import torch
+
+        gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    changed = []
+    with temporary_settings({PREFECT_API_URL: url}), get_client(sync_client=True) as client:
+        for name, limit in ((GPU_LIMIT, max(gpus, 1)), (CPU_LIMIT, 1)):
+            try:
+                current = client.read_global_concurrency_limit_by_name(name)
+                if current.limit != limit or not current.active:
+                    client.update_global_concurrency_limit(name, GlobalConcurrencyLimitUpdate(limit=limit, active=True))
+                    changed.append(f"concurrency limit {name}: {current.limit} -> {limit}")
+            except ObjectNotFound:
+                client.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(name=name, limit=limit))
+                changed.append(f"concurrency limit {name} = {limit}")
+        within = timedelta(seconds=heartbeat_s * MISSED_HEARTBEATS)
+        existing = client.read_automations_by_name(ZOMBIE_AUTOMATION)
+        if existing and existing[0].trigger.within == within:
+            return changed
+        for automation in existing:  # another heartbeat period: replace it
+            client.delete_automation(automation.id)
+        client.create_automation(AutomationCore(
+            name=ZOMBIE_AUTOMATION,
+            description=f"A flow run that sent a heartbeat and then nothing for {within.total_seconds():.0f} s "
+                        "(no heartbeat, no final state) is marked Crashed, so it can be retried.",
+            trigger=EventTrigger(
+                after={"prefect.flow-run.heartbeat"},
+                expect={"prefect.flow-run.heartbeat", "prefect.flow-run.Completed", "prefect.flow-run.Failed",
+                        "prefect.flow-run.Cancelled", "prefect.flow-run.Crashed"},
+                match=ResourceSpecification({"prefect.resource.id": ["prefect.flow-run.*"]}),
+                for_each={"prefect.resource.id"},
+                posture=Posture.Proactive,
+                threshold=1,
+                within=within,
+            ),
+            actions=[ChangeFlowRunState(state="CRASHED",
+                                        message=f"no heartbeat for {within.total_seconds():.0f} s: its process "
+                                                "or machine died (marked by imagesmith's automation)")],
+        ))
+        changed.append(f"automation {ZOMBIE_AUTOMATION!r} (within {within.total_seconds():.0f} s)")
+    return changed
+
+
 def stop_server() -> bool:
     """Stop the server started by ``start_server`` (its process group). False if none was recorded."""
     pid_file = _pid_file(prefect_home())

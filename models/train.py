@@ -357,7 +357,7 @@ def train(step_fn: TrainingStep, schedule: PhaseSchedule, batches: Batches, conf
             if skip + taken < spe:
                 raise ValueError(f"epoch {epoch} gave {skip + taken} batches; the schedule expects {spe} per epoch")
             all_sums, all_counts = distributed.mean_over_ranks({k: float(v) for k, v in sums.items()}, counts)
-            record = {"epoch": epoch, "phase": phase_index, "lr": lr, "step": step,
+            record = {"epoch": epoch, "of_epochs": schedule.epochs, "phase": phase_index, "lr": lr, "step": step,
                       **{name: total / max(all_counts[name], 1) for name, total in all_sums.items()},
                       "seconds": round(time.perf_counter() - start, 3)}
             if world > 1:

@@ -19,6 +19,9 @@ class Reporter:
     def markdown(self, key: str, text: str, description: str = "") -> None:
         """A markdown page under ``key`` (pictures inline as data: URLs)."""
 
+    def progress(self, key: str, fraction: float, description: str = "") -> None:
+        """How far a long piece of work is (0 to 1), under ``key``; updated in place."""
+
 
 def epoch_table(report: Reporter, key: str, description: str) -> Callable[[dict[str, Any]], None]:
     """An ``on_epoch`` callback for the training loop that republishes the table of every epoch
@@ -29,5 +32,8 @@ def epoch_table(report: Reporter, key: str, description: str) -> Callable[[dict[
         history.append(record)
         report.table(key, [{k: (round(v, 5) if isinstance(v, float) else v) for k, v in r.items()}
                            for r in history], description)
+        if record.get("of_epochs"):
+            report.progress(f"{key}-progress", (record["epoch"] + 1) / record["of_epochs"],
+                            f"{description}: epoch {record['epoch'] + 1} of {record['of_epochs']}")
 
     return publish

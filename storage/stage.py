@@ -38,6 +38,7 @@ from storage.tiers import Tiers
 log = logging.getLogger(__name__)
 
 MANIFEST_NAME = "manifest.json"
+STARTED_NAME = ".started"  # when the current build began (removed when the manifest is written)
 _STAGE_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]*$")
 
 
@@ -171,18 +172,29 @@ class StageDir:
         self.path.mkdir(parents=True, exist_ok=True)
         for stale in self.path.rglob(".tmp-*"):
             stale.unlink()
+        (self.path / STARTED_NAME).write_text(f"{time.time()}\n")  # build_s in the manifest counts from here
         return self.path
 
     def complete(self, **fields: Any) -> dict[str, Any]:
-        """Write the manifest (last, atomically): from now on the stage counts as done."""
+        """Write the manifest (last, atomically): from now on the stage counts as done. It records
+        when (``completed_unix``) and how long the build took since ``prepare`` (``build_s``: for a
+        sharded stage, plan to join; for a resumed one, since the resuming run started)."""
+        now, started = time.time(), None
+        try:
+            started = float((self.path / STARTED_NAME).read_text())
+        except (OSError, ValueError):
+            pass
         manifest = {
             "stage": self.stage,
             "key": self.key,
             "params": dict(self.params),
             "completed_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "completed_unix": round(now, 3),
+            "build_s": round(now - started, 3) if started else None,
             **fields,
         }
         atomic_write_json(self.manifest_path, manifest)
+        (self.path / STARTED_NAME).unlink(missing_ok=True)
         return manifest
 
 
@@ -277,6 +289,7 @@ class StageSpec:
     version: ClassVar[int] = 1
     clean: ClassVar[bool] = False  # an interrupted build starts over (True) or resumes in place (False)
     retries: ClassVar[int] = 0  # orchestrator retries: only where a second try can help (resumable work)
+    archive: ClassVar[bool] = False  # a trained model: copied to the bulk tier when built (storage/archive.py)
 
     def key_params(self) -> dict[str, Any]:
         """What the key hashes: the code version, every keyed field, upstream stages by their key."""
@@ -323,8 +336,22 @@ def run_stage(tiers: Tiers, spec: StageSpec, report: Reporter | None = None, *,
                 with naming_full_disks(spec.name, stage.path):
                     stage.complete(**(build or spec.build)(stage.path, report))
                 log.info("%s: built %s in %.1f s", spec.name, stage.path, time.perf_counter() - start)
+                if spec.archive:
+                    _archive(stage, tiers)
     spec.summarize(stage, report)
     return stage
+
+
+def _archive(stage: StageDir, tiers: Tiers) -> None:
+    """Archive a built model to the bulk tier. The stage is complete either way: a failed copy is a
+    warning (the fast copy stays whole), retried by ``imagesmith archive``."""
+    from storage.archive import archive_stage
+
+    try:
+        archive_stage(stage, tiers)
+    except OSError as e:
+        log.warning("%s: archiving %s to the bulk tier failed (%s); the stage is complete on the fast tier",
+                    stage.stage, stage.path, e)
 
 
 # --- a spec as text (to hand a stage to another process, e.g. the ranks torchrun starts) --------

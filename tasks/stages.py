@@ -11,6 +11,9 @@ directory was deleted by hand fails downstream with a message that says to --ref
 from __future__ import annotations
 
 import errno
+import logging
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -25,12 +28,62 @@ from storage.tiers import Tiers
 from tasks.artifacts import ArtifactReporter
 from tasks.logs import route_stage_logs
 
+log = logging.getLogger(__name__)
+
 SHARD_RETRIES = 2  # a shard is redone from scratch (its file appears only when whole): always safe
 # errors a second try cannot mend: full disk or quota, permissions, a read-only disk
 FINAL_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS}
 # bad parameters or inputs, a missing upstream, a busy stage, memory: retrying repeats the failure
 FINAL_ERRORS = (ValueError, TypeError, KeyError, FileNotFoundError, NotADirectoryError, StageIncomplete, StageBusy,
                 MemoryError)
+
+
+# Global concurrency limits (created by `imagesmith server start`, storage-free without them: Prefect
+# lets a run through when a limit does not exist). A training or inference stage holds slots of
+# GPU_LIMIT (one per GPU it trains on), so two runs never share a GPU; a sharded stage, which uses
+# every core, holds CPU_LIMIT, and so does a training stage on a machine without a GPU.
+GPU_LIMIT, CPU_LIMIT = "imagesmith-gpu", "imagesmith-cpu"
+# task timeouts: far past any honest run of the stage, so a hung one fails instead of holding its slots
+STAGE_TIMEOUT_S = {"io": 6 * 3600, "cpu-heavy": 2 * 3600, "gpu": 8 * 24 * 3600}
+SHARD_TIMEOUT_S = 3600  # one shard is at most a few thousand images
+
+
+def stage_tag(spec: StageSpec) -> str:
+    """``gpu`` (trains or runs a network: the spec has a device), ``cpu-heavy`` (a sharded stage,
+    every core) or ``io`` (listing, downloads, tables): the task's tag in the UI and for tag limits."""
+    if isinstance(spec, ShardedStage) and not hasattr(spec, "device"):
+        return "cpu-heavy"
+    return "gpu" if hasattr(spec, "device") else "io"
+
+
+@contextmanager
+def holding_slots(spec: StageSpec, gpus: int = 1) -> Iterator[None]:
+    """Hold the stage's global concurrency slots while it runs (see GPU_LIMIT, CPU_LIMIT)."""
+    from prefect.concurrency.sync import concurrency
+
+    tag = stage_tag(spec)
+    names = []
+    if tag == "gpu":
+        names.append((GPU_LIMIT, gpus if _cuda_count() else 1))
+        if not _cuda_count():
+            names.append((CPU_LIMIT, 1))
+    elif tag == "cpu-heavy":
+        names.append((CPU_LIMIT, 1))
+    with ExitStack() as stack:
+        for name, slots in names:
+            log.info("%s: taking %d slot(s) of the concurrency limit %r (waits while other runs hold them)",
+                     spec.name, slots, name)
+            stack.enter_context(concurrency(name, occupy=slots))
+        yield
+
+
+def _cuda_count() -> int:
+    try:
+        import torch
+
+        return torch.cuda.device_count() if torch.cuda.is_available() else 0
+    except ImportError:
+        return 0
 
 
 def retry_helps(task: Any, task_run: Any, state: Any) -> bool:
@@ -79,15 +132,20 @@ def _run_name(task_name: str):
 def _stage(spec: StageSpec, tiers: Tiers, wait: bool = True) -> str:
     route_stage_logs()
     gpus = getattr(spec, "gpus", 1)
+    with holding_slots(spec, gpus):
+        return _run_whole(spec, tiers, gpus, wait)
+
+
+def _run_whole(spec: StageSpec, tiers: Tiers, gpus: int, wait: bool) -> str:
     if gpus > 1:  # torchrun with one process per GPU; rank 0's log lines and reports come back here
         from prefect import get_run_logger
 
         from training.distributed import run_distributed
 
         logger = get_run_logger()
-        return str(run_distributed(tiers, spec, gpus, report=ArtifactReporter(), log_line=logger.info,
+        return str(run_distributed(tiers, spec, gpus, report=ArtifactReporter(spec.stage_dir(tiers).key[:8]), log_line=logger.info,
                                    wait=wait).path)
-    return str(run_stage(tiers, spec, ArtifactReporter(), wait=wait).path)
+    return str(run_stage(tiers, spec, ArtifactReporter(spec.stage_dir(tiers).key[:8]), wait=wait).path)
 
 
 @task(task_run_name=_run_name("plan-{stage}"))
@@ -110,30 +168,31 @@ def _shard(spec: ShardedStage, tiers: Tiers, shard: Shard, workers: int | None =
 @task(task_run_name=_run_name("join-{stage}"))
 def _join(spec: ShardedStage, tiers: Tiers, shards: list[Shard]) -> str:
     route_stage_logs()
-    return str(run_stage(tiers, spec, ArtifactReporter(), build=lambda out, report: spec.join(out, shards)).path)
+    return str(run_stage(tiers, spec, ArtifactReporter(spec.stage_dir(tiers).key[:8]), build=lambda out, report: spec.join(out, shards)).path)
 
 
 def stage_task(spec: StageSpec, tiers: Tiers, *, refresh: bool = False) -> Task:
     """The task that runs ``spec`` whole (call it with ``(spec, tiers, wait)``); returns the stage directory."""
-    return _stage.with_options(name=spec.name, retries=spec.retries, retry_delay_seconds=5,
-                               **cache_options(tiers, refresh))
+    tag = stage_tag(spec)
+    return _stage.with_options(name=spec.name, retries=spec.retries, retry_delay_seconds=5, tags=[tag],
+                               timeout_seconds=STAGE_TIMEOUT_S[tag], **cache_options(tiers, refresh))
 
 
 def plan_task(spec: ShardedStage) -> Task:
     """Not cached: it is what prepares the directory the shards write into."""
-    return _plan.with_options(name=f"plan-{spec.name}")
+    return _plan.with_options(name=f"plan-{spec.name}", tags=["io"])
 
 
 def shard_task(spec: ShardedStage, tiers: Tiers, *, refresh: bool = False) -> Task:
     """Call (or map) with ``(spec, tiers, shard, workers)``."""
     return _shard.with_options(name=f"{spec.name}-shard", retries=SHARD_RETRIES, retry_delay_seconds=5,
-                               **cache_options(tiers, refresh))
+                               tags=[stage_tag(spec)], timeout_seconds=SHARD_TIMEOUT_S, **cache_options(tiers, refresh))
 
 
 def join_task(spec: ShardedStage, tiers: Tiers, *, refresh: bool = False) -> Task:
     """Joins the shards (all written: it runs after the shard tasks) and completes the stage.
     Its cache key is the stage directory's: the shards' results (timings, workers) are not inputs."""
-    return _join.with_options(name=f"join-{spec.name}", **cache_options(tiers, refresh))
+    return _join.with_options(name=f"join-{spec.name}", tags=["io"], **cache_options(tiers, refresh))
 
 
 fingerprint_task = task(name="fingerprint-dataset")(fingerprint_dataset)  # uncached: it tells a changed folder
@@ -142,4 +201,27 @@ fingerprint_task = task(name="fingerprint-dataset")(fingerprint_dataset)  # unca
 def stage(spec: StageSpec, tiers: Tiers, *, refresh: bool = False, wait: bool = True) -> str:
     """Run ``spec`` as its Prefect task (inside a flow); returns the stage directory. ``wait``: for
     another run building the same stage (else the task fails with ``StageBusy``)."""
-    return stage_task(spec, tiers, refresh=refresh)(spec, tiers, wait)
+    path = stage_task(spec, tiers, refresh=refresh)(spec, tiers, wait)
+    note_used(tiers, path)
+    return path
+
+
+_roots: dict[str, str] = {}
+
+
+def note_used(tiers: Tiers, path: str) -> None:
+    """Record that the current top-level flow run used this stage (``imagesmith gc`` keeps what the
+    last N runs used). Outside a flow run (a plain call), nothing is recorded."""
+    from prefect.runtime import flow_run
+
+    from storage.archive import note_stage_used
+
+    run_id = flow_run.get_id()
+    if not run_id:
+        return
+    if run_id not in _roots:
+        try:
+            _roots[run_id] = str(flow_run.get_root_flow_run_id() or run_id)
+        except Exception:  # noqa: BLE001  (no API to ask: this run is its own root)
+            _roots[run_id] = run_id
+    note_stage_used(tiers, _roots[run_id], flow_run.get_flow_name() or "?", path)

@@ -48,17 +48,35 @@ def test_sample_command_refuses_a_non_empty_folder(tmp_path, capsys):
     assert (tmp_path / "x").read_text() == "keep me"
 
 
-def test_prefect_yaml_deployments_point_at_importable_flows():
+def test_prefect_yaml_deploys_every_flow_with_valid_parameters_and_portable_paths():
+    from prefect import Flow
+
     spec = yaml.safe_load((REPO / "prefect.yaml").read_text())
     assert spec["deployments"]
+    # the worker runs from its own directory: no deployer's absolute path
+    assert spec["pull"] == [{"prefect.deployments.steps.set_working_directory": {"directory": "."}}]
+    deployed = set()
     for deployment in spec["deployments"]:
         path, _, name = deployment["entrypoint"].partition(":")
         module = importlib.import_module(path.removesuffix(".py").replace("/", "."))
         flow = getattr(module, name)
-        # every parameter the deployment sets is one the flow accepts
+        deployed.add(flow.name)
+        # every parameter the deployment sets is one the flow accepts, of the right type and range
         assert set(deployment.get("parameters", {})) <= set(flow.parameters.properties)
+        flow.validate_parameters(deployment.get("parameters", {}))
+        env = deployment["work_pool"]["job_variables"]["env"]
+        assert not Path(env["IMAGESMITH_FAST_DIR"]).is_absolute() and not Path(env["IMAGESMITH_BULK_DIR"]).is_absolute()
         for schedule in deployment.get("schedules", []):
             assert len(schedule["cron"].split()) == 5
+            if "source" in deployment.get("parameters", {}):  # a path to set first: inactive until then
+                assert schedule.get("active") is False
+    flows = {obj.name for module in ("flows.pipeline", "flows.superres", "flows.devise", "flows.gan", "flows.style",
+                                     "flows.demo")
+             for obj in vars(importlib.import_module(module)).values() if isinstance(obj, Flow)}
+    assert flows == deployed  # one deployment (at least) per flow
+    nightly = next(d for d in spec["deployments"] if d["name"] == "demo-nightly")
+    assert nightly["parameters"] == {"refresh": True, "scratch": True}
+    assert "scratch" in Path(nightly["work_pool"]["job_variables"]["env"]["IMAGESMITH_FAST_DIR"]).parts
 
 
 def _free_port():

@@ -48,6 +48,72 @@ def _task_states(flow_run_id):
     return states
 
 
+def _run_ids(flow_run_id):
+    """The flow run and every subflow run below it."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterParentFlowRunId
+
+    async def children(ids):
+        async with get_client() as client:
+            runs = await client.read_flow_runs(
+                flow_run_filter=FlowRunFilter(parent_flow_run_id=FlowRunFilterParentFlowRunId(any_=ids)))
+            return [r.id for r in runs]
+
+    ids, frontier = [flow_run_id], [flow_run_id]
+    while frontier:
+        frontier = [i for i in asyncio.run(children(frontier)) if i not in ids]
+        ids += frontier
+    return ids
+
+
+def _task_inputs(flow_run_id):
+    """{task run name: {input_type of each recorded input}} over a run and its subflows."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    ids = _run_ids(flow_run_id)
+
+    async def read():
+        async with get_client() as client:
+            return await client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=ids)))
+
+    return {run.name: {i.input_type for inputs in run.task_inputs.values() for i in inputs}
+            for run in asyncio.run(read())}
+
+
+def _flow_run_names(flow_run_id):
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    async def read():
+        async with get_client() as client:
+            return await client.read_flow_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=ids)))
+
+    ids = _run_ids(flow_run_id)
+    return sorted(r.name for r in asyncio.run(read()))
+
+
+def _artifacts(flow_run_id):
+    """{key without its stage-key suffix: artifact} of one run and its subflows. Each key appears
+    once per run: a table republished every epoch is updated in place, not added again."""
+    import re
+
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
+
+    ids = _run_ids(flow_run_id)
+
+    async def read():
+        async with get_client() as client:
+            return await client.read_artifacts(
+                artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=ids)))
+
+    arts = asyncio.run(read())
+    keys = [(a.flow_run_id, a.key) for a in arts if a.key]
+    assert len(keys) == len(set(keys)), sorted(keys)  # one card per key per (sub)flow run
+    return {re.sub(r"-[0-9a-f]{8}$", "", a.key): a for a in arts if a.key}
+
+
 @pytest.fixture
 def tier_env(tmp_path, monkeypatch):
     monkeypatch.setenv("IMAGESMITH_FAST_DIR", str(tmp_path / "fast"))
@@ -124,35 +190,35 @@ def test_stage_log_lines_reach_the_flow_run(prefect_server, tier_env):
                      return_state=True)
     flow_run_id = state.state_details.flow_run_id
 
-    async def read():
+    async def read(ids):
         async with get_client() as client:
-            logs = await client.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run_id])))
-            return [(log.name, log.message) for log in logs]
+            logs = await client.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=ids)))
+            return [(log.name, log.message, log.task_run_id) for log in logs]
 
     for _ in range(20):  # the API log handler ships records in the background
-        logs = asyncio.run(read())
-        if any(name == "prep.listing" for name, _ in logs):
+        logs = asyncio.run(read(_run_ids(flow_run_id)))
+        if any(name == "prep.listing" for name, _, _ in logs) and any(name == "prep.resize" for name, _, _ in logs):
             break
         __import__("time").sleep(0.5)
-    assert any(name == "prep.listing" and "listing:" in msg for name, msg in logs), logs
-    assert any(name == "prep.sample" and "train + " in msg for name, msg in logs), logs
+    assert any(name == "prep.listing" and "listing:" in msg for name, msg, _ in logs), logs
+    assert any(name == "prep.sample" and "train + " in msg for name, msg, _ in logs), logs
+    # the shard processes' own lines (written, rejected, img/s) reach the run, under their task run
+    shard_lines = [(msg, task) for name, msg, task in logs if name == "prep.resize" and " shard " in msg]
+    assert shard_lines and all(task is not None for _, task in shard_lines), logs
+    assert any("written" in msg and "img/s" in msg for msg, _ in shard_lines)
+    progress = _artifacts(flow_run_id)["resize-shards"]  # the shard subflow's progress, updated in place
+    assert progress.type == "progress" and progress.data == 100.0
 
 
 def test_pipeline_word_stage_publishes_the_match_counts(prefect_server, word_tiers, monkeypatch):
-    from prefect.client.orchestration import get_client
-
     from flows.pipeline import pipeline
 
     monkeypatch.setenv("IMAGESMITH_FAST_DIR", str(word_tiers.fast))
     monkeypatch.setenv("IMAGESMITH_BULK_DIR", str(word_tiers.bulk))
-    outputs = pipeline(sample_train_per_class=1, sample_val_per_class=0, size=16)
+    state = pipeline(sample_train_per_class=1, sample_val_per_class=0, size=16, return_state=True)
+    outputs = state.result()
     assert open_stage(outputs["words"]).manifest()["report"]["imagenet_1k"]["total"] == 1000
-
-    async def artifact():
-        async with get_client() as client:
-            return await client.read_latest_artifacts()
-
-    latest = {a.key: a for a in asyncio.run(artifact())}
+    latest = _artifacts(state.state_details.flow_run_id)
     assert "word-table-matches" in latest
     rows = __import__("json").loads(latest["word-table-matches"].data)
     assert {r["scope"] for r in rows} == {"imagenet_1k", "wordnet_nouns"}
@@ -160,26 +226,24 @@ def test_pipeline_word_stage_publishes_the_match_counts(prefect_server, word_tie
 
 def test_superres_flow_resizes_progressively_evaluates_and_publishes_artifacts(prefect_server, tier_env,
                                                                               sample_root):
-    from prefect.client.orchestration import get_client
 
     from flows.superres import superres
 
     # 8 -> 32 px targets, then 16 -> 64: at each size a 1cycle of 2 epochs (no encoder to freeze)
-    out = superres(source=str(sample_root), arch="johnson", loss="pixel", high_size=64, low_size=16,
-                   progressive_from=32, crappifier="downscale", epochs=2, batch_size=4, pretrained=False)
+    state = superres(source=str(sample_root), arch="johnson", loss="pixel", high_size=64, low_size=16,
+                     progressive_from=32, crappifier="downscale", epochs=2, batch_size=4, pretrained=False,
+                     return_state=True)
+    out = state.result()
     assert (Path(out["superres"]) / "model.pt").is_file() and open_stage(out["superres"]).manifest()["epochs"] == 4
     history = json.loads((Path(out["superres"]) / "history.json").read_text())
     assert [h["size"] for h in history] == [32] * 2 + [64] * 2
     assert any((Path(out["superres"]) / "leg-1-64" / "tensorboard").glob("events.out.tfevents.*"))
     assert set(out["metrics"]) == {"psnr_model", "psnr_bicubic", "ssim_model", "ssim_bicubic"}
-
-    async def artifacts():
-        async with get_client() as client:
-            return {a.key: a for a in await client.read_latest_artifacts()}
-
-    latest = asyncio.run(artifacts())
+    latest = _artifacts(state.state_details.flow_run_id)
     assert "data:image/png;base64," in latest["superres-samples"].data
-    assert len(json.loads(latest["superres-epochs"].data)) == 4
+    assert len(json.loads(latest["superres-epochs"].data)) == 4  # one table, updated in place every epoch
+    assert latest["superres-epochs-progress"].data == 100.0
+    assert latest["superres-epochs"].key == f"superres-epochs-{Path(out['superres']).name[:8]}"  # this stage's
 
 
 def test_a_training_stage_asked_for_2_gpus_runs_on_2_ranks_inside_its_task(prefect_server, tier_env, sample_root):
@@ -202,15 +266,15 @@ def test_a_training_stage_asked_for_2_gpus_runs_on_2_ranks_inside_its_task(prefe
         async with get_client() as client:
             logs = await client.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run_id])))
             runs = await client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
-            arts = {a.key: a for a in await client.read_latest_artifacts()}
-            return [entry.message for entry in logs], runs, arts
+            return [entry.message for entry in logs], runs
 
     for _ in range(40):  # logs are shipped asynchronously
-        messages, runs, arts = asyncio.run(logs_and_artifacts())
+        messages, runs = asyncio.run(logs_and_artifacts())
         if any("rank 0/2" in msg for msg in messages):
             break
         time.sleep(0.25)
     assert any("rank 0/2" in msg and "epoch 2/2" in msg for msg in messages), messages[-20:]
+    arts = _artifacts(flow_run_id)
     assert "data:image/png;base64," in arts["superres-samples"].data  # rank 0's report, republished by the task
     assert len(json.loads(arts["superres-epochs"].data)) == 2
     # the 1-GPU stage is another stage (a different batch and learning rate): its own key
@@ -219,7 +283,6 @@ def test_a_training_stage_asked_for_2_gpus_runs_on_2_ranks_inside_its_task(prefe
 
 
 def test_devise_flow_trains_finetunes_indexes_and_publishes_hits(prefect_server, word_tiers, sample_root, monkeypatch):
-    from prefect.client.orchestration import get_client
 
     from flows.devise import devise
     from training.devise.search import DeviseSearch
@@ -227,18 +290,15 @@ def test_devise_flow_trains_finetunes_indexes_and_publishes_hits(prefect_server,
     # the word table is already built in these tiers (session fixture): the flow finds it done
     monkeypatch.setenv("IMAGESMITH_FAST_DIR", str(word_tiers.fast))
     monkeypatch.setenv("IMAGESMITH_BULK_DIR", str(word_tiers.bulk))
-    out = devise(source=str(sample_root), size=32, backbone="resnet18", pretrained=False, epochs=4, batch_size=8,
-                 hidden=32, zero_shot=["n03790512"], finetune_epochs=2, finetune_batch_size=8, ann_above=10)
+    state = devise(source=str(sample_root), size=32, backbone="resnet18", pretrained=False, epochs=4, batch_size=8,
+                   hidden=32, zero_shot=["n03790512"], finetune_epochs=2, finetune_batch_size=8, ann_above=10,
+                   return_state=True)
+    out = state.result()
     assert {"devise-features", "devise", "devise-finetune", "devise-index"} <= set(out)
     index = open_stage(out["devise-index"]).manifest()
     assert index["kind"] == "hnsw" and index["model"].startswith(out["devise-finetune"])
     assert len(DeviseSearch(out["devise-index"]).images_for_text("palace", k=3)) == 3
-
-    async def artifacts():
-        async with get_client() as client:
-            return {a.key: a for a in await client.read_latest_artifacts()}
-
-    latest = asyncio.run(artifacts())
+    latest = _artifacts(state.state_details.flow_run_id)
     hits = json.loads(latest["devise-hits"].data)
     assert {(r["model"], r["task"]) for r in hits} == {("devise", "flat"), ("devise", "zero-shot")}  # fine-tuned
     assert len(json.loads(latest["devise-epochs"].data)) == 4
@@ -285,7 +345,6 @@ def test_the_flow_checks_its_parameters_before_any_stage_runs(prefect_server, ti
 
 
 def test_gan_chain_flow_runs_every_stage_and_a_rerun_is_all_cached(prefect_server, tier_env, sample_root):
-    from prefect.client.orchestration import get_client
 
     from flows.gan import gan, wgan
 
@@ -297,27 +356,31 @@ def test_gan_chain_flow_runs_every_stage_and_a_rerun_is_all_cached(prefect_serve
         assert open_stage(out[name]).is_complete
     first = _task_states(state.state_details.flow_run_id)
     assert first["superres"] == first["generated"] == first["critic"] == first["gan"] == ["Completed"]
+    # the stages after the pipeline subflow take its paths as plain values: Prefect's default UI
+    # cannot draw a task whose input is a subflow's result (a blank page, "Invalid TaskInputResponse")
+    inputs = _task_inputs(state.state_details.flow_run_id)
+    assert inputs and not any("flow_run" in types for types in inputs.values()), inputs
+    assert any(name.startswith("gan/") for name in inputs)
+    # runs are named by what they do, not at random
+    names = _flow_run_names(state.state_details.flow_run_id)
+    root = sample_root.name
+    assert f"gan-{root}-16to32px-seed0" in names and f"pipeline-{root}-32px-seed0" in names, names
+    assert any(n.startswith("resize-") and n.endswith("-shards") for n in names), names
     rerun = gan(**params, return_state=True)
     assert rerun.result() == out
     again = _task_states(rerun.state_details.flow_run_id)
     assert all(again[name] == ["Cached"] for name in ("listing", "join-resize", "join-crappify", "superres",
                                                       "generated", "critic", "gan")), again
-
-    async def artifacts():
-        async with get_client() as client:
-            return {a.key: a for a in await client.read_latest_artifacts()}
-
-    latest = asyncio.run(artifacts())
+    latest = _artifacts(state.state_details.flow_run_id)
     assert "data:image/png;base64," in latest["gan-samples"].data
     assert {"psnr_gan", "psnr_pretrained", "critic_acc"} & set(json.loads(latest["gan-evaluation"].data)[0])
 
-    w = wgan(source=str(sample_root), size=32, epochs=2, batch_size=8, critic_warmup=2)
-    assert open_stage(w["wgan"]).manifest()["generator_steps"] > 0
-    assert "data:image/png;base64," in asyncio.run(artifacts())["wgan-samples"].data
+    w_state = wgan(source=str(sample_root), size=32, epochs=2, batch_size=8, critic_warmup=2, return_state=True)
+    assert open_stage(w_state.result()["wgan"]).manifest()["generator_steps"] > 0
+    assert "data:image/png;base64," in _artifacts(w_state.state_details.flow_run_id)["wgan-samples"].data
 
 
 def test_style_flow_trains_publishes_samples_and_a_rerun_is_cached(prefect_server, tier_env, sample_root, tmp_path):
-    from prefect.client.orchestration import get_client
 
     from flows.style import style
     from training.style import default_style, file_digest
@@ -334,12 +397,7 @@ def test_style_flow_trains_publishes_samples_and_a_rerun_is_cached(prefect_serve
     m = open_stage(out["style"]).manifest()
     assert m["style_digest"] == file_digest(painting) and m["epochs"] == 1
     assert (Path(out["style"]) / "model.pt").is_file()
-
-    async def artifacts():
-        async with get_client() as client:
-            return {a.key: a for a in await client.read_latest_artifacts()}
-
-    assert "data:image/png;base64," in asyncio.run(artifacts())["style-samples"].data
+    assert "data:image/png;base64," in _artifacts(state.state_details.flow_run_id)["style-samples"].data
     rerun = style(**params, return_state=True)
     assert rerun.result() == out
     assert _task_states(rerun.state_details.flow_run_id)["style"] == ["Cached"]

@@ -204,6 +204,7 @@ class CriticStage(StageSpec):
     name = "critic"
     version = 1
     retries = 1
+    archive = True
     generated: str = upstream()
     config: CriticConfig = CriticConfig()
     device: str | None = runtime()
@@ -350,6 +351,7 @@ class GanStage(StageSpec):
     name = "gan"
     version = 1
     retries = 1
+    archive = True
     generator: str = upstream()  # the pretrained generator's super-res stage
     critic: str = upstream()  # the critic stage
     pairs: str = upstream()  # the crappify stage (low) whose source is the originals (high)
@@ -535,6 +537,7 @@ class WganStage(StageSpec):
     name = "wgan"
     version = 1
     retries = 1
+    archive = True
     images: str = upstream()  # a resize stage
     config: WganConfig = WganConfig()
     device: str | None = runtime()

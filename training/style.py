@@ -341,6 +341,7 @@ class FastStyleStage(StageSpec):
     name = "style"
     version = 1
     retries = 1  # a second try resumes from the last checkpoint
+    archive = True
     images: str = upstream()  # a resize stage
     style_digest: str = ""  # file_digest of the style image: its bytes, not its path, are in the key
     config: FastStyleConfig = FastStyleConfig()

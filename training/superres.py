@@ -363,6 +363,7 @@ class SuperResStage(StageSpec):
     name = "superres"
     version = 2  # 2: pretrained encoder/loss network required, lesson phases, pair augmentation
     retries = 1  # a second try resumes from the last checkpoint
+    archive = True  # the model, history and evaluation go to the bulk tier too
     pairs: tuple[str, ...] = upstream()  # crappify stage directories
     config: SuperResConfig = SuperResConfig()
     device: str | None = runtime()

@@ -65,6 +65,7 @@ class FinetuneStage(StageSpec):
     name = "devise-finetune"
     version = 1
     retries = 1  # a second try resumes from the last checkpoint
+    archive = True
     devise: str = upstream()
     config: FinetuneConfig = FinetuneConfig()
     device: str | None = runtime()

@@ -103,6 +103,7 @@ class DeviseStage(StageSpec):
     name = "devise"
     version = 2  # 2: ConSE and the ImageNet classifier in the table; 21k zero-shot candidates
     retries = 1  # a second try resumes from the last checkpoint
+    archive = True
     features: str = upstream()
     words: str = upstream()
     config: HeadConfig = HeadConfig()
