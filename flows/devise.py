@@ -6,7 +6,7 @@ import time
 from typing import Annotated, Literal
 
 from prefect import flow
-from pydantic import Field
+from pydantic import AfterValidator, Field
 
 from flows.naming import run_name
 from flows.pipeline import Gpus, ImageSide, Seed, detach, pipeline
@@ -14,13 +14,21 @@ from flows.summary import publish_summary
 from models.devise import classification_backbones
 from storage.tiers import Tiers
 from storage.vector_index import DEFAULT_ANN_ABOVE
-from tasks.logs import route_stage_logs
+from tasks.runs import begin_flow_run
 from tasks.stages import stage
 from training.devise.features import FeaturesConfig, FeaturesStage
 from training.devise.finetune import FinetuneConfig, FinetuneStage
 from training.devise.head import DeviseStage, HeadConfig
 from training.devise.search import IndexStage
 
+
+def _none_or_a_cycle(epochs: int) -> int:
+    if epochs == 1:
+        raise ValueError("finetune_epochs is 0 (no fine-tuning) or at least 2 (a 1cycle needs 2); got 1")
+    return epochs
+
+
+FinetuneEpochs = Annotated[int, Field(ge=0), AfterValidator(_none_or_a_cycle)]
 # the UI's run form offers these; "auto": a local ResNet-50 file, else the bundled EfficientNet-Lite0
 Backbone = Literal[tuple(["auto", *classification_backbones()])]  # type: ignore[valid-type]
 
@@ -38,7 +46,7 @@ def devise(
     hidden: Annotated[int, Field(ge=1)] = 1024,
     dropout: Annotated[float, Field(ge=0, lt=1)] = 0.5,
     zero_shot: list[str] | None = None,
-    finetune_epochs: Annotated[int, Field(ge=0)] = 0,
+    finetune_epochs: FinetuneEpochs = 0,
     finetune_lr: Annotated[float, Field(gt=0)] = 1e-4,
     finetune_batch_size: Annotated[int, Field(ge=2)] = 64,
     word_vectors: str | None = None,
@@ -59,7 +67,7 @@ def devise(
     a CPU machine): its batch size is per process and its learning rate x ``gpus``. The head
     trains on precomputed features in seconds: one process.
     """
-    route_stage_logs()
+    begin_flow_run()
     since = time.time()
     tiers = Tiers.from_env()
     run = {"refresh": refresh, "wait": wait}

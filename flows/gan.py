@@ -13,7 +13,7 @@ from flows.naming import run_name
 from flows.pipeline import Crappifier, Gpus, ImageSide, Seed, detach, pipeline
 from flows.summary import publish_summary
 from storage.tiers import Tiers
-from tasks.logs import route_stage_logs
+from tasks.runs import begin_flow_run
 from tasks.stages import stage
 from training.gan import CriticConfig, CriticStage, GanConfig, GanStage, GeneratedStage, WganConfig, WganStage
 from training.superres import SuperResStage, superres_plan
@@ -54,7 +54,7 @@ def gan(
     ``gpus`` > 1 trains on that many processes (DDP, one per GPU; gloo processes on a CPU
     machine): the batch size is per process and the learning rate x ``gpus`` (models/distributed.py).
     """
-    route_stage_logs()
+    begin_flow_run()
     since = time.time()
     tiers = Tiers.from_env()
     run = {"refresh": refresh, "wait": wait}
@@ -98,7 +98,7 @@ def wgan(
     resized to ``size``: DCGAN networks, weight clipping, ``n_critic`` critic steps a generator step
     (``critic_warmup`` for the first 25 and every 500th), RMSprop at ``lr``. ``gpus`` > 1 trains on that many processes (DDP, one per GPU; gloo processes on a CPU
     machine): the batch size is per process and the learning rate x ``gpus`` (models/distributed.py)."""
-    route_stage_logs()
+    begin_flow_run()
     since = time.time()
     tiers = Tiers.from_env()
     config = WganConfig(epochs=epochs, lr=lr, batch_size=batch_size, nf=nf, clip=clip, n_critic=n_critic,

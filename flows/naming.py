@@ -17,8 +17,12 @@ def run_name(template: str) -> Callable[[], str]:
         params = dict(flow_run.parameters or {})
         source = params.get("source")
         style = params.get("style_image")
-        values = {**params, "data": Path(str(source)).name if source else "sample",
-                  "style": Path(str(style)).stem if style else "scream"}
+        data = Path(str(source)) if source else None
+        if data is not None and data.parent.name == "sample":  # the bundled sample's own stage directory
+            data = Path("sample")
+        values = {**params, "data": data.name if data else "sample",
+                  "style": Path(str(style)).stem if style else "scream",
+                  "smoke_tag": "-smoke" if params.get("smoke") else ""}
         try:
             return template.format(**values)
         except (KeyError, IndexError, ValueError):  # a name is never worth failing a run for

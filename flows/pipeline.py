@@ -20,7 +20,7 @@ from prep.wordnet import WordnetStage, wordnet_source
 from prep.words import DEFAULT_MAX_WORDS, EmbeddingStage, GloveStage
 from storage.tiers import Tiers
 from storage.wordvec import check_vector_path
-from tasks.logs import route_stage_logs
+from tasks.runs import begin_flow_run
 from tasks.stages import fingerprint_task, stage
 
 # parameter bounds the flow checks before it runs (the Prefect UI shows them on its run form)
@@ -74,7 +74,7 @@ def pipeline(
     tasks (stages whose manifest still exists are not recomputed). ``wait``: wait for another run
     building a stage this one needs (else fail at once with StageBusy).
     """
-    route_stage_logs()
+    begin_flow_run()
     since = time.time()
     tiers = Tiers.from_env()
     # every parameter is checked before any work

@@ -14,7 +14,7 @@ from prefect.task_runners import ProcessPoolTaskRunner, TaskRunner, ThreadPoolTa
 from prep.shards import Shard, ShardedStage, local_parallelism
 from storage.tiers import Tiers
 from tasks.artifacts import ArtifactReporter
-from tasks.logs import route_stage_logs
+from tasks.runs import begin_flow_run
 from tasks.stages import holding_slots, join_task, note_used, plan_task, shard_task
 
 DASK_ENV = "IMAGESMITH_DASK_ADDRESS"
@@ -48,7 +48,7 @@ def run_shards(spec: ShardedStage, tiers: Tiers, shards: list[Shard], *, dask_ad
 
     @flow(name=f"{spec.name}-shards", flow_run_name=name, task_runner=runner, validate_parameters=False)
     def shards_flow(spec: Any, tiers: Any, shards: list, workers: int | None) -> list[dict[str, Any]]:
-        route_stage_logs()
+        begin_flow_run()
         futures = shard_task(spec, tiers, refresh=refresh).map(unmapped(spec), unmapped(tiers), shards,
                                                                 unmapped(workers))
         # one progress artifact for the stage, updated in place as shards finish

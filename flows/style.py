@@ -14,7 +14,7 @@ from flows.naming import run_name
 from flows.pipeline import Gpus, ImageSide, Seed, detach, pipeline
 from flows.summary import publish_summary
 from storage.tiers import Tiers
-from tasks.logs import route_stage_logs
+from tasks.runs import begin_flow_run
 from tasks.stages import stage
 from training.style import FastStyleConfig, FastStyleStage, default_style, file_digest, load_rgb
 
@@ -57,7 +57,7 @@ def style(
     (+ ``tv_weight`` x total variation). Returns ``{stage: directory}``; apply the result with
     ``imagesmith stylize --model <style dir> IN OUT``. ``gpus`` > 1 trains on that many processes (DDP, one per GPU; gloo processes on a CPU
     machine): the batch size is per process and the learning rate x ``gpus`` (models/distributed.py)."""
-    route_stage_logs()
+    begin_flow_run()
     since = time.time()
     tiers = Tiers.from_env()
     # every parameter is checked before any work

@@ -10,9 +10,10 @@ from typing import Any
 from storage.stage import MANIFEST_NAME, open_stage
 
 
-def _hit(metrics: list[dict[str, Any]], model: str, task: str, k: int = 5) -> float | None:
+def _hit(metrics: list[dict[str, Any]], model: str, task: str, candidates: str, k: int = 5) -> float | None:
     for row in metrics or []:
-        if row.get("model") == model and row.get("task") == task and row.get(f"hit@{k}") is not None:
+        if (row.get("model") == model and row.get("task") == task and row.get("candidates") == candidates
+                and row.get(f"hit@{k}") is not None):
             return row[f"hit@{k}"]
     return None
 
@@ -28,24 +29,32 @@ def key_figure(manifest: dict[str, Any]) -> str:
             return f"{written} images" + (f", {rejected} rejected" if rejected else "")
         if isinstance(counts, dict):
             return ", ".join(f"{k} {v}" for k, v in counts.items() if isinstance(v, int))
-    if stage == "embeddings":
-        return f"{m.get('rows', m.get('words', '?'))} word vectors" if ("rows" in m or "words" in m) else ""
+    if stage == "embeddings" and isinstance(m.get("report"), dict):
+        r = m["report"]
+        parts = [f"{v['total'] - v['unmatched']}/{v['total']} {k.replace('_', ' ')}" for k, v in r.items()
+                 if isinstance(v, dict) and "total" in v]
+        return f"{m.get('dims')}-d vectors for " + ", ".join(parts)
     if stage in ("superres",) and m.get("evaluation"):
         e = m["evaluation"]
         return f"PSNR {e['psnr_model']:.2f} dB vs bicubic {e['psnr_bicubic']:.2f}"
     if stage == "gan" and m.get("evaluation"):
         e = m["evaluation"]
+        steps = [s for s in m.get("critic_steps_per_gen_step") or [] if s is not None]
         return (f"PSNR {e['psnr_gan']:.2f} dB (pretrained {e['psnr_pretrained']:.2f}, bicubic {e['psnr_bicubic']:.2f})"
-                f"; critic acc {m.get('critic_acc')}")
+                + (f"; {steps[-1]:.1f} critic steps per generator step" if steps else "; no generator step yet"))
     if stage == "critic" and m.get("critic_acc") is not None:
-        return f"critic accuracy {m['critic_acc']:.3f}"
+        return (f"critic accuracy {m['critic_acc']:.3f} (real {m.get('critic_acc_real', 0):.2f}, "
+                f"generated {m.get('critic_acc_fake', 0):.2f})")
+    if stage == "devise-features":
+        return f"{m.get('backbone')} ({'pretrained' if m.get('pretrained_loaded') else 'random weights'})"
     if stage in ("devise", "devise-finetune"):
-        flat = _hit(m.get("metrics"), "devise", "flat")
-        zero = _hit(m.get("metrics"), "devise", "zero-shot")
-        parts = [f"hit@5 {flat:.3f}" if flat is not None else "", f"zero-shot hit@5 {zero:.3f}" if zero is not None else ""]
+        flat = _hit(m.get("metrics"), "devise", "flat", "imagenet-1k")
+        zero = _hit(m.get("metrics"), "devise", "zero-shot", "held-out + imagenet-1k")
+        parts = [f"hit@5 {flat:.3f} (1k labels)" if flat is not None else "",
+                 f"zero-shot hit@5 {zero:.3f} (held-out + 1k)" if zero is not None else ""]
         return ", ".join(p for p in parts if p)
     if stage == "devise-index":
-        return f"{m.get('images', m.get('n', '?'))} images indexed ({m.get('method', 'brute force')})"
+        return f"{m.get('vectors', '?')} images indexed ({str(m.get('kind', '?')).replace('_', ' ')})"
     if stage == "wgan":
         return f"{m.get('generator_steps')} generator steps, critic loss {m.get('final_critic', float('nan')):.4f}"
     if stage == "style":

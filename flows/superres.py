@@ -13,7 +13,7 @@ from flows.pipeline import Crappifier, Gpus, ImageSide, Seed, detach, pipeline
 from flows.summary import publish_summary
 from storage.stage import open_stage
 from storage.tiers import Tiers
-from tasks.logs import route_stage_logs
+from tasks.runs import begin_flow_run
 from tasks.stages import stage
 from training.superres import SuperResStage, superres_plan
 
@@ -48,7 +48,7 @@ def superres(
     steps at ``high_size`` alone. ``gpus`` > 1 trains on that many processes (DDP, one per GPU; gloo processes on a CPU
     machine): the batch size is per process and the learning rate x ``gpus`` (models/distributed.py).
     """
-    route_stage_logs()
+    begin_flow_run()
     since = time.time()
     sizes, config = superres_plan(arch=arch, loss=loss, high_size=high_size, low_size=low_size,
                                   progressive_from=progressive_from, epochs=epochs, lr=lr, batch_size=batch_size,

@@ -519,15 +519,15 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
     url, started = start_server(port=args.port)
     print(f"prefect server {'started' if started else 'already running'} at {url}")
-    ensure_operations(url)
-    # in the environment, not only in this process's settings: shard tasks run in child processes
-    # that must report to the same server (otherwise each starts a server-less one of its own)
+    # in the environment before Prefect is first imported (its settings are read then), and for the
+    # shard tasks' child processes, which must report to the same server (else each starts its own)
     os.environ["PREFECT_API_URL"] = url
+    ensure_operations(url)
     from flows.demo import demo
     from flows.summary import format_table
     from training.devise.evaluate import format_hits
 
-    state = demo(seed=args.seed, refresh=args.refresh, wait=not args.no_wait, return_state=True)
+    state = demo(seed=args.seed, refresh=args.refresh, wait=not args.no_wait, smoke=args.smoke, return_state=True)
     result = state.result(raise_on_failure=False)
     rows = result.get("summary") if isinstance(result, dict) else None
     if rows:
@@ -706,6 +706,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--refresh", action="store_true", help="rerun cached tasks")
     p.add_argument("--no-wait", action="store_true", help="fail at once (exit 75) when another run builds a stage")
     p.add_argument("--port", type=_int_in(1, 65535), default=4200)
+    p.add_argument("--smoke", action="store_true",
+                   help="every stage on 32 px images, a few images and epochs: checks that everything runs "
+                        "(a minute or two); its numbers mean nothing")
     p.set_defaults(func=_cmd_demo)
 
     p = sub.add_parser("words", help="nearest ImageNet classes or WordNet nouns to a text, by word vectors")

@@ -50,6 +50,7 @@ def start_server(host: str = DEFAULT_HOST, port: int = DEFAULT_PORT, timeout: fl
     log_path = home / "server.log"
     env = {**os.environ, "PREFECT_HOME": str(home), "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "DO_NOT_TRACK": "1"}
     env.pop("PREFECT_API_URL", None)  # the server must not try to talk to itself as a client
+    env["PREFECT_UI_API_URL"] = url  # else the UI it serves reads the API on port 4200, whatever --port says
     prefect_cli = Path(sys.executable).with_name("prefect")
     with open(log_path, "ab") as log:
         proc = subprocess.Popen(
@@ -72,7 +73,8 @@ HEARTBEAT_S = 60  # prefect.toml [flows] heartbeat_frequency: a running flow run
 MISSED_HEARTBEATS = 3  # ... and is marked Crashed after this many minutes of silence
 
 
-def ensure_operations(url: str, *, heartbeat_s: int = HEARTBEAT_S, gpus: int | None = None) -> list[str]:
+def ensure_operations(url: str, *, heartbeat_s: int = HEARTBEAT_S, within_s: float | None = None,
+                      gpus: int | None = None) -> list[str]:
     """Make the server ready for imagesmith's runs, idempotently; returns what it created or changed.
 
     - The automation that marks a flow run Crashed when its heartbeats stop (a killed worker or
@@ -80,6 +82,8 @@ def ensure_operations(url: str, *, heartbeat_s: int = HEARTBEAT_S, gpus: int | N
     - The global concurrency limits the stages take slots of (tasks/stages.py): ``imagesmith-gpu``
       with one slot per GPU here (1 on a machine without one: training then uses all the cores) and
       ``imagesmith-cpu`` with 1 slot (one core-hungry stage at a time across runs).
+
+    ``within_s``: the silence that counts as dead (default: ``MISSED_HEARTBEATS`` x ``heartbeat_s``).
     """
     from datetime import timedelta
 
@@ -108,7 +112,7 @@ def ensure_operations(url: str, *, heartbeat_s: int = HEARTBEAT_S, gpus: int | N
             except ObjectNotFound:
                 client.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(name=name, limit=limit))
                 changed.append(f"concurrency limit {name} = {limit}")
-        within = timedelta(seconds=heartbeat_s * MISSED_HEARTBEATS)
+        within = timedelta(seconds=within_s or heartbeat_s * MISSED_HEARTBEATS)
         existing = client.read_automations_by_name(ZOMBIE_AUTOMATION)
         if existing and existing[0].trigger.within == within:
             return changed

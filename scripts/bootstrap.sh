@@ -10,8 +10,9 @@ PYTHON=${PYTHON:-python3}
 PILLOW_SIMD_VERSION=12.1.1.post0
 # the metadata-only "pillow" distribution that stands for pillow-simd (see make_pillow_shim.py)
 PILLOW_SHIM_VERSION=12.1.1+simd
-# libjpeg-turbo/zlib/png/freetype headers for the pillow-simd build; the WordNet 3.0 database
-APT_PACKAGES="libjpeg62-turbo-dev zlib1g-dev libpng-dev libfreetype-dev wordnet-base wordnet-sense-index"
+# libjpeg-turbo/zlib/png/freetype headers for the pillow-simd build; the WordNet 3.0 database;
+# headless Chromium and a font for the UI tests (tests/test_ui.py) and the README's screenshots
+APT_PACKAGES="libjpeg62-turbo-dev zlib1g-dev libpng-dev libfreetype-dev wordnet-base wordnet-sense-index chromium fonts-dejavu-core"
 
 log() { printf '[bootstrap] %s\n' "$*" >&2; }
 
@@ -34,7 +35,8 @@ install_debian_packages() {
         DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
     else
         log "WARNING: Debian packages missing (${missing[*]}) and not root: the pillow-simd build may fail,"
-        log "         and the word-vector stage needs WordNet (/usr/share/wordnet, package wordnet-base)"
+        log "         the word-vector stage needs WordNet (/usr/share/wordnet, package wordnet-base),"
+        log "         and the UI tests need headless Chromium (package chromium)"
     fi
 }
 

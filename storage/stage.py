@@ -155,7 +155,7 @@ class StageDir:
         with _held_guard:
             return self.lock_path in _held
 
-    def prepare(self, *, clean: bool = False) -> Path:
+    def prepare(self, *, clean: bool = False, restart_clock: bool = True) -> Path:
         """Create the directory before any worker writes into it; the caller holds the stage's lock.
 
         Removes the temporary files a killed writer left (``.tmp-*``, see storage.atomic); with
@@ -172,7 +172,9 @@ class StageDir:
         self.path.mkdir(parents=True, exist_ok=True)
         for stale in self.path.rglob(".tmp-*"):
             stale.unlink()
-        (self.path / STARTED_NAME).write_text(f"{time.time()}\n")  # build_s in the manifest counts from here
+        started = self.path / STARTED_NAME
+        if restart_clock or not started.exists():  # build_s in the manifest counts from here
+            started.write_text(f"{time.time()}\n")
         return self.path
 
     def complete(self, **fields: Any) -> dict[str, Any]:
@@ -331,7 +333,8 @@ def run_stage(tiers: Tiers, spec: StageSpec, report: Reporter | None = None, *,
             if stage.is_complete:  # another run finished it while this one waited
                 log.info("%s: %s was completed by another run", spec.name, stage.path)
             else:
-                stage.prepare(clean=spec.clean)
+                # the last step of a stage begun elsewhere (a join after its shards) keeps the plan's clock
+                stage.prepare(clean=spec.clean, restart_clock=build is None)
                 start = time.perf_counter()
                 with naming_full_disks(spec.name, stage.path):
                     stage.complete(**(build or spec.build)(stage.path, report))

@@ -46,6 +46,8 @@ GPU_LIMIT, CPU_LIMIT = "imagesmith-gpu", "imagesmith-cpu"
 # task timeouts: far past any honest run of the stage, so a hung one fails instead of holding its slots
 STAGE_TIMEOUT_S = {"io": 6 * 3600, "cpu-heavy": 2 * 3600, "gpu": 8 * 24 * 3600}
 SHARD_TIMEOUT_S = 3600  # one shard is at most a few thousand images
+# a held slot's lease, renewed while its holder lives: a killed run's slots come free this long after
+SLOT_LEASE_S = 60
 
 
 def stage_tag(spec: StageSpec) -> str:
@@ -73,7 +75,7 @@ def holding_slots(spec: StageSpec, gpus: int = 1) -> Iterator[None]:
         for name, slots in names:
             log.info("%s: taking %d slot(s) of the concurrency limit %r (waits while other runs hold them)",
                      spec.name, slots, name)
-            stack.enter_context(concurrency(name, occupy=slots))
+            stack.enter_context(concurrency(name, occupy=slots, lease_duration=SLOT_LEASE_S))
         yield
 
 

@@ -144,3 +144,24 @@ def test_stage_tags_say_what_a_stage_needs():
     assert stage_tag(ListingStage(root="/x", fingerprint="f")) == "io"
     assert stage_tag(ResizeStage(listing="/x", config=ResizeConfig(size=16))) == "cpu-heavy"
     assert stage_tag(FastStyleStage(images="/x", style_digest="0", config=FastStyleConfig())) == "gpu"
+
+
+@pytest.mark.parametrize("flow_module,flow_name,params,field", [
+    ("flows.devise", "devise", {"finetune_epochs": 1}, "finetune_epochs"),
+    ("flows.devise", "devise", {"backbone": "resnet_9000"}, "backbone"),
+    ("flows.superres", "superres", {"epochs": 1}, "epochs"),
+    ("flows.superres", "superres", {"arch": "srgan"}, "arch"),
+    ("flows.gan", "wgan", {"size": 48}, "size"),
+    ("flows.style", "style", {"style_weights": [1.0]}, "style_weights"),
+])
+def test_every_flow_refuses_bad_parameters_by_name_before_running(flow_module, flow_name, params, field):
+    import importlib
+
+    from prefect.exceptions import ParameterTypeError
+
+    flow = getattr(importlib.import_module(flow_module), flow_name)
+    with pytest.raises(ParameterTypeError, match=field):
+        flow.validate_parameters(params)
+    schema = flow.parameters.model_dump()["properties"]
+    if field in ("backbone", "arch", "size"):  # the UI's run form offers the accepted values
+        assert "enum" in json.dumps(schema[field])
