@@ -68,7 +68,7 @@ def start_server(host: str = DEFAULT_HOST, port: int = DEFAULT_PORT, timeout: fl
     raise TimeoutError(f"prefect server did not answer at {url} within {timeout:.0f} s; see {log_path}")
 
 
-ZOMBIE_AUTOMATION = "imagesmith: crash flow runs whose heartbeats stopped"
+ZOMBIE_AUTOMATION = "imagesmith: crash deployment runs whose heartbeats stopped"
 HEARTBEAT_S = 60  # prefect.toml [flows] heartbeat_frequency: a running flow run says so every minute
 MISSED_HEARTBEATS = 3  # ... and is marked Crashed after this many minutes of silence
 
@@ -77,8 +77,9 @@ def ensure_operations(url: str, *, heartbeat_s: int = HEARTBEAT_S, within_s: flo
                       gpus: int | None = None) -> list[str]:
     """Make the server ready for imagesmith's runs, idempotently; returns what it created or changed.
 
-    - The automation that marks a flow run Crashed when its heartbeats stop (a killed worker or
-      machine): without it such a run stays Running forever, cannot be retried, and a cancel hangs.
+    - The automation that marks a deployment's flow run Crashed when its heartbeats stop (a killed
+      worker or machine): without it such a run stays Running forever, cannot be retried, and a
+      cancel hangs. (A run started from the command line dies with it: rerun the command.)
     - The global concurrency limits the stages take slots of (tasks/stages.py): ``imagesmith-gpu``
       with one slot per GPU here (1 on a machine without one: training then uses all the cores) and
       ``imagesmith-cpu`` with 1 slot (one core-hungry stage at a time across runs).
@@ -113,6 +114,9 @@ def ensure_operations(url: str, *, heartbeat_s: int = HEARTBEAT_S, within_s: flo
                 client.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(name=name, limit=limit))
                 changed.append(f"concurrency limit {name} = {limit}")
         within = timedelta(seconds=within_s or heartbeat_s * MISSED_HEARTBEATS)
+        for old in client.read_automations_by_name("imagesmith: crash flow runs whose heartbeats stopped"):
+            client.delete_automation(old.id)  # the first version matched every flow run, subflows too
+            changed.append("removed the earlier zombie automation")
         existing = client.read_automations_by_name(ZOMBIE_AUTOMATION)
         if existing and existing[0].trigger.within == within:
             return changed
@@ -127,6 +131,10 @@ def ensure_operations(url: str, *, heartbeat_s: int = HEARTBEAT_S, within_s: flo
                 expect={"prefect.flow-run.heartbeat", "prefect.flow-run.Completed", "prefect.flow-run.Failed",
                         "prefect.flow-run.Cancelled", "prefect.flow-run.Crashed"},
                 match=ResourceSpecification({"prefect.resource.id": ["prefect.flow-run.*"]}),
+                # runs a worker executes (a deployment's), the ones a retry can restart: their subflows
+                # are settled by the retry (tasks/runs.py), and leaving every subflow's heartbeats and
+                # state events out keeps the trigger's writes off SQLite (they stalled it for a minute)
+                match_related=ResourceSpecification({"prefect.resource.role": "deployment"}),
                 for_each={"prefect.resource.id"},
                 posture=Posture.Proactive,
                 threshold=1,
