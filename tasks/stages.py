@@ -47,7 +47,7 @@ GPU_LIMIT, CPU_LIMIT = "imagesmith-gpu", "imagesmith-cpu"
 STAGE_TIMEOUT_S = {"io": 6 * 3600, "cpu-heavy": 2 * 3600, "gpu": 8 * 24 * 3600}
 SHARD_TIMEOUT_S = 3600  # one shard is at most a few thousand images
 # a held slot's lease, renewed while its holder lives: a killed run's slots come free this long after
-SLOT_LEASE_S = 60
+SLOT_LEASE_S = 60  # the server's minimum
 
 
 def stage_tag(spec: StageSpec) -> str:

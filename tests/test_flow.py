@@ -93,9 +93,10 @@ def _flow_run_names(flow_run_id):
     return sorted(r.name for r in asyncio.run(read()))
 
 
-def _artifacts(flow_run_id):
-    """{key without its stage-key suffix: artifact} of one run and its subflows. Each key appears
-    once per run: a table republished every epoch is updated in place, not added again."""
+def _artifacts(flow_run_id, every_key=False):
+    """{key without its stage-key suffix: artifact} of one run and its subflows (``every_key``: by
+    the whole key). Each key appears once per run: a table republished every epoch is updated in
+    place, not added again."""
     import re
 
     from prefect.client.orchestration import get_client
@@ -111,7 +112,7 @@ def _artifacts(flow_run_id):
     arts = asyncio.run(read())
     keys = [(a.flow_run_id, a.key) for a in arts if a.key]
     assert len(keys) == len(set(keys)), sorted(keys)  # one card per key per (sub)flow run
-    return {re.sub(r"-[0-9a-f]{8}$", "", a.key): a for a in arts if a.key}
+    return {a.key if every_key else re.sub(r"-[0-9a-f]{8}$", "", a.key): a for a in arts if a.key}
 
 
 @pytest.fixture
@@ -268,9 +269,9 @@ def test_a_training_stage_asked_for_2_gpus_runs_on_2_ranks_inside_its_task(prefe
             runs = await client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
             return [entry.message for entry in logs], runs
 
-    for _ in range(40):  # logs are shipped asynchronously
+    for _ in range(120):  # logs are shipped asynchronously
         messages, runs = asyncio.run(logs_and_artifacts())
-        if any("rank 0/2" in msg for msg in messages):
+        if any("rank 0/2" in msg and "epoch 2/2" in msg for msg in messages):
             break
         time.sleep(0.25)
     assert any("rank 0/2" in msg and "epoch 2/2" in msg for msg in messages), messages[-20:]
@@ -298,11 +299,11 @@ def test_devise_flow_trains_finetunes_indexes_and_publishes_hits(prefect_server,
     index = open_stage(out["devise-index"]).manifest()
     assert index["kind"] == "hnsw" and index["model"].startswith(out["devise-finetune"])
     assert len(DeviseSearch(out["devise-index"]).images_for_text("palace", k=3)) == 3
-    latest = _artifacts(state.state_details.flow_run_id)
-    hits = json.loads(latest["devise-hits"].data)
+    latest = _artifacts(state.state_details.flow_run_id, every_key=True)
+    hits = json.loads(latest[f"devise-hits-{Path(out['devise-finetune']).name[:8]}"].data)  # the fine-tuned model's
     assert {(r["model"], r["task"]) for r in hits} == {("devise", "flat"), ("devise", "zero-shot")}  # fine-tuned
-    assert len(json.loads(latest["devise-epochs"].data)) == 4
-    assert len(json.loads(latest["devise-finetune-epochs"].data)) == 2
+    assert len(json.loads(latest[f"devise-epochs-{Path(out['devise']).name[:8]}"].data)) == 4
+    assert len(json.loads(latest[f"devise-finetune-epochs-{Path(out['devise-finetune']).name[:8]}"].data)) == 2
 
 
 def test_devise_command_prints_the_hit_table_and_the_index(prefect_server, word_tiers, sample_root, monkeypatch,
