@@ -646,7 +646,12 @@ def _cmd_archive(args: argparse.Namespace) -> int:
 
     tiers = Tiers.from_env()
     if args.stages:
-        paths = [_finished_stage(p, "a stage", "STAGE_DIR") for p in args.stages]
+        paths = []
+        for p in args.stages:
+            if not (Path(p) / "manifest.json").is_file():
+                raise UsageError(f"STAGE_DIR {p!r} is not a finished stage directory (no manifest.json); "
+                                 "`imagesmith status` lists them")
+            paths.append(Path(p))
     else:  # every finished model on the fast tier not archived yet
         paths = [p for p in stage_dirs(tiers, "fast") if (p / "manifest.json").is_file()
                  and not (p / ARCHIVE_RECORD).is_file() and {"model", "critic"} & set(open_stage(p).manifest())]

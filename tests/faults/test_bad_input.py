@@ -80,6 +80,12 @@ CASES = {
     "superres gpus 0": (["superres", "--gpus", "0"], r"argument --gpus: 0 is out of range; use a number between 1 and 64"),
     "superres sizes": (["superres", "--high-size", "100", "--low-size", "32"], r"--high-size 100 must be a multiple"),
     "superres progressive": (["superres", "--progressive-from", "200"], r"--progressive-from 200 must lie between"),
+    "gc without --keep": (["gc"], r"the following arguments are required: --keep"),
+    "gc keep 0": (["gc", "--keep", "0"], r"argument --keep: 0 is out of range; use a number >= 1"),
+    "archive a folder that is not a stage": (["archive", "{t}/no-train"], r"STAGE_DIR '.*/no-train' is not a finished "
+                                                                        r"stage directory"),
+    "status runs 0": (["status", "--runs", "0"], r"argument --runs: 0 is out of range"),
+    "demo port 0": (["demo", "--port", "0"], r"argument --port: 0 is out of range"),
     "gan gpus": (["gan", "--gpus", "x"], r"argument --gpus: 'x' is not a whole number"),
     "sample into a full folder": (["sample", "--out", "{t}"], r"is not empty; choose a new folder"),
 }
