@@ -272,23 +272,32 @@ def test_prefect_deploy_all_accepts_the_project_file_with_portable_paths(server,
 
 
 def test_a_training_stage_waits_while_another_run_holds_the_gpu(server, tmp_path):
-    """Two training runs never share the GPU: while a slot of imagesmith-gpu is held (here by the
-    test, as another run would), a training stage does not start; released, it runs."""
-    from prefect.concurrency.sync import concurrency
-    from prefect.settings import PREFECT_API_URL, temporary_settings
-
+    """Two training runs never share the GPU: while another process holds the slot of imagesmith-gpu
+    (as another run's training stage would), a training stage does not start; released, it runs."""
     env = _client_env(server, tmp_path)
-    code = ("from flows.gan import wgan; "
-            "wgan(size=32, epochs=1, batch_size=8, nf=8, critic_warmup=2)")
-    with temporary_settings({PREFECT_API_URL: server["url"]}), concurrency("imagesmith-gpu", occupy=1):
-        proc = subprocess.Popen([sys.executable, "-c", code], cwd=REPO, env=env, stdout=subprocess.PIPE,
-                                stderr=subprocess.STDOUT, text=True)
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys\nfrom prefect.concurrency.sync import concurrency\n"
+                               "with concurrency('imagesmith-gpu', occupy=1):\n"
+                               "    print('held', flush=True)\n    sys.stdin.readline()\n"],
+        cwd=REPO, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline().strip() == "held"
+
+    async def slots(client):
+        return (await client.read_global_concurrency_limit_by_name("imagesmith-gpu")).active_slots
+
+    assert _api(server, slots) == 1  # held on this server
+    code = "from flows.gan import wgan; wgan(size=32, epochs=1, batch_size=8, nf=8, critic_warmup=2)"
+    proc = subprocess.Popen([sys.executable, "-c", code], cwd=REPO, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    try:
         deadline = time.monotonic() + 180
-        while time.monotonic() < deadline and not (tmp_path / "fast" / "resize").is_dir():
+        while time.monotonic() < deadline and not any((tmp_path / "fast").glob("resize/*/manifest.json")):
             time.sleep(1)
         time.sleep(12)  # the pipeline is done; the training stage alone takes ~3 s
         assert proc.poll() is None, proc.stdout.read()
         assert not any((tmp_path / "fast").glob("wgan/*/manifest.json"))  # it waits for the slot
+    finally:
+        holder.communicate("release\n", timeout=60)
     out, _ = proc.communicate(timeout=300)
     assert proc.returncode == 0, out[-3000:]
     assert "taking 1 slot(s) of the concurrency limit 'imagesmith-gpu'" in out
