@@ -15,14 +15,13 @@ import time
 from typing import Any
 
 from prefect import flow
-from prefect.artifacts import create_markdown_artifact
 
 from flows.devise import devise
 from flows.gan import gan, wgan
 from flows.naming import run_name
 from flows.pipeline import Seed, detach, pipeline
 from flows.style import style
-from flows.summary import markdown_table, stage_row
+from flows.summary import publish_rows, stage_row
 from flows.superres import superres
 from storage.tiers import Tiers
 from tasks.runs import begin_flow_run
@@ -121,10 +120,7 @@ def demo(seed: Seed = 0, refresh: bool = False, wait: bool = True, scratch: bool
     family("wgan", wgan, **plan["wgan"])
     family("style", style, **plan["style"])
     rows = summary_rows(results, since)
-    built = sum(r["state"] == "built" for r in rows)
-    create_markdown_artifact(key="demo-summary", markdown=f"# imagesmith demo: {built} stage(s) built, "
-                             f"{len(rows) - built} cached\n\n" + markdown_table(rows),
-                             description="Every stage of the demo: built by this run or cached, time, key figure")
+    publish_rows("demo", rows, "imagesmith demo")
     failed = [f for f, r in results.items() if isinstance(r, BaseException)]
     if failed:
         raise RuntimeError(f"demo: {', '.join(failed)} failed: "

@@ -20,6 +20,11 @@ from tasks.stages import holding_slots, join_task, note_used, plan_task, shard_t
 DASK_ENV = "IMAGESMITH_DASK_ADDRESS"
 
 
+def dask_scheduler(dask_address: str | None = None) -> str | None:
+    """The Dask scheduler the shards go to: the argument, else ``IMAGESMITH_DASK_ADDRESS``, else None (local)."""
+    return dask_address or os.environ.get(DASK_ENV) or None
+
+
 def shard_runner(n_shards: int, dask_address: str | None = None) -> tuple[TaskRunner, int | None]:
     """(task runner, decode threads per shard task) for ``n_shards`` shard tasks.
 
@@ -28,7 +33,7 @@ def shard_runner(n_shards: int, dask_address: str | None = None) -> tuple[TaskRu
     workers must see the same dataset and tier paths (a shared filesystem). Locally, a process per
     shard (see prep/shards.py for the measurement), or one shard at a time with threads.
     """
-    address = dask_address or os.environ.get(DASK_ENV)
+    address = dask_scheduler(dask_address)
     if address:
         from prefect_dask import DaskTaskRunner
 
@@ -70,8 +75,7 @@ def run_sharded(spec: ShardedStage, tiers: Tiers, *, dask_address: str | None = 
     with nullcontext() if stage.is_complete else stage.lock(wait=wait):
         shards = plan_task(spec)(spec, tiers)
         if shards:  # on this machine's cores: one sharded stage at a time across runs (tasks/stages.py)
-            remote = dask_address or os.environ.get(DASK_ENV)
-            with nullcontext() if remote else holding_slots(spec):
+            with nullcontext() if dask_scheduler(dask_address) else holding_slots(spec):
                 run_shards(spec, tiers, shards, dask_address=dask_address, refresh=refresh)
         path = join_task(spec, tiers, refresh=refresh)(spec, tiers, shards)
     note_used(tiers, path)

@@ -97,15 +97,20 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def publish_rows(flow: str, rows: list[dict[str, Any]], title: str | None = None) -> None:
+    """Stage rows as the markdown artifact ``<flow>-summary``, headed by how many were built and cached."""
+    from prefect.artifacts import create_markdown_artifact
+
+    built = sum(r["state"] == "built" for r in rows)
+    create_markdown_artifact(key=f"{flow}-summary", markdown=f"# {title or flow}: {built} stage(s) built, "
+                             f"{len(rows) - built} cached\n\n" + markdown_table(rows),
+                             description=f"Every stage of this {flow} run: built or cached, time, key figure")
+
+
 def publish_summary(flow: str, outputs: dict[str, Any], since: float) -> list[dict[str, Any]]:
     """The run's stage table as the markdown artifact ``<flow>-summary`` (every run, cached or not:
     a fully cached run still shows what it stands on); returns the rows."""
-    from prefect.artifacts import create_markdown_artifact
-
     rows = [r for name, path in outputs.items() if isinstance(path, (str, Path))
             for r in [stage_row(flow, name, path, since)] if r]
-    built = sum(r["state"] == "built" for r in rows)
-    create_markdown_artifact(key=f"{flow}-summary", markdown=f"# {flow}: {built} stage(s) built, "
-                             f"{len(rows) - built} cached\n\n" + markdown_table(rows),
-                             description=f"Every stage of this {flow} run: built or cached, time, key figure")
+    publish_rows(flow, rows)
     return rows

@@ -99,9 +99,9 @@ def ensure_operations(url: str, *, heartbeat_s: int = HEARTBEAT_S, within_s: flo
     from tasks.stages import CPU_LIMIT, GPU_LIMIT
 
     if gpus is None:
-        import torch
+        from models.distributed import cuda_devices
 
-        gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        gpus = cuda_devices()
     changed = []
     with temporary_settings({PREFECT_API_URL: url}), get_client(sync_client=True) as client:
         for name, limit in ((GPU_LIMIT, max(gpus, 1)), (CPU_LIMIT, 1)):
@@ -114,9 +114,6 @@ def ensure_operations(url: str, *, heartbeat_s: int = HEARTBEAT_S, within_s: flo
                 client.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(name=name, limit=limit))
                 changed.append(f"concurrency limit {name} = {limit}")
         within = timedelta(seconds=within_s or heartbeat_s * MISSED_HEARTBEATS)
-        for old in client.read_automations_by_name("imagesmith: crash flow runs whose heartbeats stopped"):
-            client.delete_automation(old.id)  # the first version matched every flow run, subflows too
-            changed.append("removed the earlier zombie automation")
         existing = client.read_automations_by_name(ZOMBIE_AUTOMATION)
         if existing and existing[0].trigger.within == within:
             return changed

@@ -29,6 +29,11 @@ import torch.distributed as dist
 from torch import nn
 
 
+def cuda_devices() -> int:
+    """How many CUDA GPUs this machine has (0 without CUDA)."""
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
 def is_distributed() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 

@@ -188,7 +188,7 @@ def collect_garbage(tiers: Tiers, keep: int, *, dry_run: bool = False) -> dict[s
         if path.resolve() in needed:
             kept.append(str(path))
             continue
-        if not stage.is_complete or stage.lock_path.exists() and _locked(stage):
+        if not stage.is_complete or stage.is_locked():
             busy.append(str(path))  # being built, or left unfinished: its resume state is not ours to drop
             continue
         size = _size(path)
@@ -204,22 +204,6 @@ def collect_garbage(tiers: Tiers, keep: int, *, dry_run: bool = False) -> dict[s
             "dry_run": dry_run}
 
 
-def _locked(stage: StageDir) -> bool:
-    """True when another process holds the stage's lock right now."""
-    import fcntl
-
-    try:
-        with open(stage.lock_path, "a+") as f:
-            try:
-                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except OSError:
-                return True
-            fcntl.flock(f, fcntl.LOCK_UN)
-            return False
-    except OSError:
-        return False
-
-
 def stage_inventory(tiers: Tiers) -> list[dict[str, Any]]:
     """Every stage directory on both tiers: stage, key, tier, state, size, completion time, archive."""
     rows = []
@@ -229,7 +213,7 @@ def stage_inventory(tiers: Tiers) -> list[dict[str, Any]]:
             manifest = _manifest(path)
             if manifest is not None:
                 state = "complete"
-            elif stage.lock_path.exists() and _locked(stage):
+            elif stage.is_locked():
                 state = "building"
             else:
                 state = "unfinished"

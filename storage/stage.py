@@ -149,6 +149,21 @@ class StageDir:
         finally:
             f.close()
 
+    def is_locked(self) -> bool:
+        """True when some process (this one included) holds the stage's lock right now."""
+        if self.locked_here:
+            return True
+        try:
+            with open(self.lock_path) as f:
+                try:
+                    fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    return True
+                fcntl.flock(f, fcntl.LOCK_UN)
+                return False
+        except FileNotFoundError:  # never locked since the tier was made
+            return False
+
     @property
     def locked_here(self) -> bool:
         """True when this process holds the stage's lock."""

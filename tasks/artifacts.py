@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Callable
 from typing import Any
 from uuid import UUID
 
@@ -43,24 +44,23 @@ class ArtifactReporter(Reporter):
         self.suffix = suffix
         self._ids: dict[str, UUID] = {}
 
-    def table(self, key: str, rows: list[dict[str, Any]], description: str = "") -> None:
+    def _publish(self, key: str, create: Callable[[str], UUID], update: Callable[[UUID], None]) -> None:
+        """Create the artifact the first time this run publishes ``key``, update it in place after."""
         key = artifact_key(key, self.suffix)
         if key in self._ids:
-            _update(self._ids[key], json.dumps(rows, default=str), description)
+            update(self._ids[key])
         else:
-            self._ids[key] = create_table_artifact(key=key, table=rows, description=description)
+            self._ids[key] = create(key)
+
+    def table(self, key: str, rows: list[dict[str, Any]], description: str = "") -> None:
+        self._publish(key, lambda k: create_table_artifact(key=k, table=rows, description=description),
+                      lambda i: _update(i, json.dumps(rows, default=str), description))
 
     def markdown(self, key: str, text: str, description: str = "") -> None:
-        key = artifact_key(key, self.suffix)
-        if key in self._ids:
-            _update(self._ids[key], text, description)
-        else:
-            self._ids[key] = create_markdown_artifact(key=key, markdown=text, description=description)
+        self._publish(key, lambda k: create_markdown_artifact(key=k, markdown=text, description=description),
+                      lambda i: _update(i, text, description))
 
     def progress(self, key: str, fraction: float, description: str = "") -> None:
-        key = artifact_key(key, self.suffix)
-        fraction = max(0.0, min(100.0, 100.0 * fraction))
-        if key in self._ids:
-            update_progress_artifact(self._ids[key], fraction, description=description)
-        else:
-            self._ids[key] = create_progress_artifact(fraction, key=key, description=description)
+        percent = max(0.0, min(100.0, 100.0 * fraction))
+        self._publish(key, lambda k: create_progress_artifact(percent, key=k, description=description),
+                      lambda i: update_progress_artifact(i, percent, description=description))

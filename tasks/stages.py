@@ -63,11 +63,14 @@ def holding_slots(spec: StageSpec, gpus: int = 1) -> Iterator[None]:
     """Hold the stage's global concurrency slots while it runs (see GPU_LIMIT, CPU_LIMIT)."""
     from prefect.concurrency.sync import concurrency
 
+    from models.distributed import cuda_devices
+
     tag = stage_tag(spec)
     names = []
     if tag == "gpu":
-        names.append((GPU_LIMIT, gpus if _cuda_count() else 1))
-        if not _cuda_count():
+        on_gpus = cuda_devices() > 0
+        names.append((GPU_LIMIT, gpus if on_gpus else 1))
+        if not on_gpus:  # training on the cores
             names.append((CPU_LIMIT, 1))
     elif tag == "cpu-heavy":
         names.append((CPU_LIMIT, 1))
@@ -77,15 +80,6 @@ def holding_slots(spec: StageSpec, gpus: int = 1) -> Iterator[None]:
                      spec.name, slots, name)
             stack.enter_context(concurrency(name, occupy=slots, lease_duration=SLOT_LEASE_S))
         yield
-
-
-def _cuda_count() -> int:
-    try:
-        import torch
-
-        return torch.cuda.device_count() if torch.cuda.is_available() else 0
-    except ImportError:
-        return 0
 
 
 def retry_helps(task: Any, task_run: Any, state: Any) -> bool:
