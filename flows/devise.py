@@ -64,7 +64,7 @@ def devise(
     training for zero-shot evaluation (default: the classes outside ImageNet-1k). Word vectors
     come from ``word_vectors`` (Google News / fastText file) or the bundled GloVe 50-d.
     ``gpus`` > 1 runs the fine-tuning on that many processes (DDP, one per GPU; gloo processes on
-    a CPU machine): its batch size is per process and its learning rate x ``gpus``. The head
+    a CPU machine): its batch size is per process and its learning rate stays as given (AdamW). The head
     trains on precomputed features in seconds: one process.
     """
     begin_flow_run()

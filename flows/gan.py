@@ -52,7 +52,7 @@ def gan(
     originals; then the GAN phase runs ``gan_epochs`` at a constant ``gan_lr`` (critic at 5x),
     switching adaptively at ``critic_thresh``, generator loss = adversarial + ``pixel_weight`` x MSE.
     ``gpus`` > 1 trains on that many processes (DDP, one per GPU; gloo processes on a CPU
-    machine): the batch size is per process and the learning rate x ``gpus`` (models/distributed.py).
+    machine): the batch size is per process; the learning rate stays as given (adaptive optimizers; models/distributed.py).
     """
     begin_flow_run()
     since = time.time()
@@ -97,7 +97,7 @@ def wgan(
     """A WGAN (noise -> ``size`` px images) trained on ``source`` (default: the bundled sample)
     resized to ``size``: DCGAN networks, weight clipping, ``n_critic`` critic steps a generator step
     (``critic_warmup`` for the first 25 and every 500th), RMSprop at ``lr``. ``gpus`` > 1 trains on that many processes (DDP, one per GPU; gloo processes on a CPU
-    machine): the batch size is per process and the learning rate x ``gpus`` (models/distributed.py)."""
+    machine): the batch size is per process; the learning rate stays as given (adaptive optimizers; models/distributed.py)."""
     begin_flow_run()
     since = time.time()
     tiers = Tiers.from_env()

@@ -56,7 +56,7 @@ def style(
     ``content_weight`` x content (relu2_2) + style grams per VGG block weighted by ``style_weights``
     (+ ``tv_weight`` x total variation). Returns ``{stage: directory}``; apply the result with
     ``imagesmith stylize --model <style dir> IN OUT``. ``gpus`` > 1 trains on that many processes (DDP, one per GPU; gloo processes on a CPU
-    machine): the batch size is per process and the learning rate x ``gpus`` (models/distributed.py)."""
+    machine): the batch size is per process; the learning rate stays as given (adaptive optimizers; models/distributed.py)."""
     begin_flow_run()
     since = time.time()
     tiers = Tiers.from_env()

@@ -46,7 +46,7 @@ def superres(
     ``batch_size``) and then at ``high_size``: at each size a 1cycle of ``epochs`` with the
     encoder frozen, then one with it unfrozen at discriminative rates. Without it, the same two
     steps at ``high_size`` alone. ``gpus`` > 1 trains on that many processes (DDP, one per GPU; gloo processes on a CPU
-    machine): the batch size is per process and the learning rate x ``gpus`` (models/distributed.py).
+    machine): the batch size is per process; the learning rate stays as given (adaptive optimizers; models/distributed.py).
     """
     begin_flow_run()
     since = time.time()

@@ -679,7 +679,7 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
 def _add_gpus(p: argparse.ArgumentParser) -> None:
     p.add_argument("--gpus", type=_int_in(1, 64), default=1,
                    help="training processes, one per GPU (DDP through torchrun; gloo processes on a CPU "
-                        "machine); the batch size is per process, the learning rate x N")
+                        "machine); the batch size is per process; the learning rate stays as given (adaptive optimizers are not scaled)")
 
 
 def build_parser() -> argparse.ArgumentParser:

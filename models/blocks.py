@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 import torch
 from torch import nn
 from torch.nn import functional as F
-from torch.nn.utils.parametrizations import weight_norm
+from torch.nn.utils.parametrizations import spectral_norm, weight_norm
 
 
 def icnr_(weight: torch.Tensor, scale: int = 2, init=nn.init.kaiming_normal_) -> torch.Tensor:
@@ -23,9 +26,15 @@ def icnr_(weight: torch.Tensor, scale: int = 2, init=nn.init.kaiming_normal_) ->
 
 
 def conv_layer(ni: int, nf: int, ks: int = 3, stride: int = 1, *, norm_layer: type[nn.Module] | None = nn.BatchNorm2d,
-               act: bool = True, weight_normed: bool = False, padding_mode: str = "zeros") -> nn.Sequential:
-    """conv -> norm -> ReLU, with the paper-default padding ``ks // 2`` (zeros, or ``reflect``...)."""
+               act: bool = True, weight_normed: bool = False, padding_mode: str = "zeros",
+               init: Callable[[torch.Tensor], Any] | None = None) -> nn.Sequential:
+    """conv -> norm -> ReLU, with the paper-default padding ``ks // 2`` (zeros, or ``reflect``...).
+    ``init``: the conv weight's init (e.g. ``nn.init.kaiming_normal_``, fastai's; None: torch's default)."""
     conv = nn.Conv2d(ni, nf, ks, stride=stride, padding=ks // 2, bias=norm_layer is None, padding_mode=padding_mode)
+    if init is not None:
+        init(conv.weight)
+        if conv.bias is not None:
+            nn.init.zeros_(conv.bias)
     layers: list[nn.Module] = [weight_norm(conv) if weight_normed else conv]
     if norm_layer is not None:
         layers.append(norm_layer(nf))
@@ -54,14 +63,22 @@ class PixelShuffleUp(nn.Module):
         return self.blur(self.shuffle(F.relu(self.conv(x))))
 
 
+def _sn_conv1d(ni: int, nf: int) -> nn.Module:
+    """A 1x1 Conv1d, kaiming-normal init, spectral-normed (fastai's ``conv1d`` for self-attention)."""
+    conv = nn.Conv1d(ni, nf, 1, bias=False)
+    nn.init.kaiming_normal_(conv.weight)
+    return spectral_norm(conv)
+
+
 class SelfAttention(nn.Module):
-    """SAGAN self-attention over positions; starts as the identity (gamma = 0)."""
+    """SAGAN self-attention over positions (Zhang et al. 2019, as fastai's: spectral-normed 1x1 convs);
+    starts as the identity (gamma = 0)."""
 
     def __init__(self, channels: int):
         super().__init__()
-        self.query = nn.Conv1d(channels, max(channels // 8, 1), 1, bias=False)
-        self.key = nn.Conv1d(channels, max(channels // 8, 1), 1, bias=False)
-        self.value = nn.Conv1d(channels, channels, 1, bias=False)
+        self.query = _sn_conv1d(channels, max(channels // 8, 1))
+        self.key = _sn_conv1d(channels, max(channels // 8, 1))
+        self.value = _sn_conv1d(channels, channels)
         self.gamma = nn.Parameter(torch.zeros(1))
 
     def forward(self, x):
@@ -73,13 +90,15 @@ class SelfAttention(nn.Module):
 
 
 class ResBlock(nn.Module):
-    """x + conv-norm-ReLU-conv-norm(x)."""
+    """x + conv-norm-ReLU-conv-norm(x) (``final_act``: a ReLU after the second conv too, as fastai's
+    ``res_block`` with weight norm)."""
 
     def __init__(self, nf: int, *, norm_layer: type[nn.Module] | None = nn.BatchNorm2d, weight_normed: bool = False,
-                 padding_mode: str = "zeros"):
+                 padding_mode: str = "zeros", final_act: bool = False,
+                 init: Callable[[torch.Tensor], Any] | None = None):
         super().__init__()
-        conv = dict(norm_layer=norm_layer, weight_normed=weight_normed, padding_mode=padding_mode)
-        self.convs = nn.Sequential(conv_layer(nf, nf, **conv), conv_layer(nf, nf, act=False, **conv))
+        conv = dict(norm_layer=norm_layer, weight_normed=weight_normed, padding_mode=padding_mode, init=init)
+        self.convs = nn.Sequential(conv_layer(nf, nf, **conv), conv_layer(nf, nf, act=final_act, **conv))
 
     def forward(self, x):
         return x + self.convs(x)

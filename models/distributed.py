@@ -7,11 +7,18 @@ rank resumes from the same checkpoint; epoch metrics are averaged over the ranks
 logged. NCCL on GPUs, gloo on CPUs (the tests run 2 CPU ranks).
 
 The learning rate: the batch size a config states is per rank, so a run on N ranks takes
-N x batch images a step; by the linear scaling rule (Goyal et al. 2017, "Accurate, large minibatch
-SGD") every learning rate of the schedule is multiplied by N (``TrainConfig.lr_scaling="linear"``,
-the default; ``"none"`` keeps it). So ``--gpus 4`` with the same config trains on 4x the images a
-step at 4x the rate; to reproduce a 1-device run exactly, divide the batch size by N instead and
-set the rate to lr / N (it becomes lr again).
+N x batch images a step. The linear scaling rule (Goyal et al. 2017, "Accurate, large minibatch
+SGD": every lr x N, with a warm-up) is derived for SGD; every optimizer this project trains with is
+adaptive (Adam, AdamW, RMSprop), whose step is normalised by the gradient's own scale, so the
+default (``TrainConfig.lr_scaling="auto"``) leaves their rates as given and scales plain SGD
+linearly; ``"linear"``, ``"sqrt"`` and ``"none"`` can be asked for (``models.train.lr_factor``).
+So ``--gpus 4`` with the same config trains on 4x the images a step at the same rate; to
+reproduce a 1-device run exactly, divide the batch size by N instead.
+
+Randomness: every rank starts from rank 0's weights (DDP broadcasts them) but draws its own noise,
+dropout masks and augmentations (``models.train.rank_seed``: seed + a stride x rank; rank 0 keeps
+the seed, so a 1-process run is unchanged). Rank 0's checkpoint holds every rank's RNG state, so
+a resumed run continues each rank's own stream.
 
 BatchNorm: the models' BatchNorm layers normalise over the global batch, as on one device:
 torch's ``SyncBatchNorm`` on GPUs, ``SyncBatchNormCPU`` (below; torch's runs on GPUs only) on
@@ -43,11 +50,6 @@ def rank_and_world() -> tuple[int, int]:
     if is_distributed():
         return dist.get_rank(), dist.get_world_size()
     return 0, 1
-
-
-def is_writer() -> bool:
-    """Whether this process writes files (rank 0, or the only process)."""
-    return rank_and_world()[0] == 0
 
 
 def launched_by_torchrun(environ: Mapping[str, str] = os.environ) -> bool:
@@ -93,12 +95,20 @@ def wrap(module: nn.Module, device: torch.device) -> nn.Module:
     return DistributedDataParallel(sync_batchnorm_cpu(module))
 
 
+def gather_objects(value: object) -> list:
+    """Every rank's ``value`` (picklable), in rank order; ``[value]`` outside a distributed run."""
+    if not is_distributed():
+        return [value]
+    gathered: list = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, value)
+    return gathered
+
+
 def mean_over_ranks(sums: Mapping[str, float], counts: Mapping[str, int]) -> tuple[dict[str, float], dict[str, int]]:
     """Per term: (sum over every rank's samples, count over every rank) (terms absent on a rank count 0)."""
     if not is_distributed():
         return dict(sums), dict(counts)
-    gathered: list = [None] * dist.get_world_size()
-    dist.all_gather_object(gathered, ({k: float(v) for k, v in sums.items()}, dict(counts)))
+    gathered = gather_objects(({k: float(v) for k, v in sums.items()}, dict(counts)))
     total_s: dict[str, float] = {}
     total_c: dict[str, int] = {}
     for s, c in gathered:

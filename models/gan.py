@@ -90,6 +90,20 @@ def critic_accuracy(logits: torch.Tensor, real: bool) -> float:
 # --- WGAN (DCGAN architecture) ---------------------------------------------------------------
 
 
+def dcgan_init_(module: nn.Module) -> nn.Module:
+    """Radford et al. (2016): every conv weight from N(0, 0.02), BatchNorm scales from N(1, 0.02),
+    biases 0 (torch's default fan-in init gives a WGAN critic weights that clipping at 0.01 crushes)."""
+    for m in module.modules():
+        if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d)):
+            nn.init.normal_(m.weight, 0.0, 0.02)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.BatchNorm2d):
+            nn.init.normal_(m.weight, 1.0, 0.02)
+            nn.init.zeros_(m.bias)
+    return module
+
+
 class DCGANGenerator(nn.Module):
     """Noise (B, nz) -> images (B, 3, size, size) in [-1, 1]: transposed 4x4 convs with BN and ReLU,
     doubling the side from 4 to ``size`` (a power of 2), tanh out (Radford et al. 2016)."""
@@ -107,7 +121,7 @@ class DCGANGenerator(nn.Module):
                        nn.ReLU(True)]
             width //= 2
         layers += [nn.ConvTranspose2d(width, channels, 4, 2, 1, bias=False), nn.Tanh()]
-        self.nz, self.net = nz, nn.Sequential(*layers)
+        self.nz, self.net = nz, dcgan_init_(nn.Sequential(*layers))
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         return self.net(z.view(len(z), self.nz, 1, 1))
@@ -129,7 +143,7 @@ class DCGANCritic(nn.Module):
                        nn.LeakyReLU(0.2, True)]
             width *= 2
         layers.append(nn.Conv2d(width, 1, 4, 1, 0, bias=False))
-        self.net = nn.Sequential(*layers)
+        self.net = dcgan_init_(nn.Sequential(*layers))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x).view(len(x))

@@ -42,6 +42,9 @@ class Phase:
     # learning-rate multipliers per optimizer parameter group for this phase (e.g. (0, 0, 1): encoder
     # frozen; (0.01, 0.1, 1): discriminative); None keeps each group's own ``lr_scale``
     group_scales: tuple[float, ...] | None = None
+    # optimizer parameter groups frozen in this phase: no gradients for their parameters, except the
+    # norm layers' (fastai's freeze with train_bn=True); ModelStep.enter_phase applies it
+    frozen_groups: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
         if not self.epochs > 0:

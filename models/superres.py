@@ -20,15 +20,23 @@ IMAGENET_MEAN = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
 IMAGENET_STD = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
 
 
-class UnetBlock(nn.Module):
-    """Upsample the path from below, BN the skip from the encoder, concat, two convs."""
+# fastai's conv_layer with NormType.Weight: weight-normed conv with bias, kaiming-normal init, ReLU
+WN = dict(norm_layer=None, weight_normed=True, init=nn.init.kaiming_normal_)
 
-    def __init__(self, up_c: int, skip_c: int, out_c: int, *, self_attention: bool = False, blur: bool = True):
+
+class UnetBlock(nn.Module):
+    """Upsample the path from below, BN the skip from the encoder, concat, two convs (fastai's
+    ``UnetBlock``: ``up/2 + skip`` channels out, half that in the last block, ``final_div=False``)."""
+
+    def __init__(self, up_c: int, skip_c: int, *, final_div: bool = True, self_attention: bool = False,
+                 blur: bool = True):
         super().__init__()
         self.up = PixelShuffleUp(up_c, up_c // 2, blur=blur, weight_normed=True)
         self.bn = nn.BatchNorm2d(skip_c)
-        self.conv1 = conv_layer(up_c // 2 + skip_c, out_c, norm_layer=None, weight_normed=True)
-        self.conv2 = conv_layer(out_c, out_c, norm_layer=None, weight_normed=True)
+        ni = up_c // 2 + skip_c
+        self.out_channels = out_c = ni if final_div else ni // 2
+        self.conv1 = conv_layer(ni, out_c, **WN)
+        self.conv2 = conv_layer(out_c, out_c, **WN)
         self.attn = SelfAttention(out_c) if self_attention else nn.Identity()
 
     def forward(self, x, skip):
@@ -43,9 +51,11 @@ class DynamicUnet(nn.Module):
     """A U-Net on any pretrained encoder that gives feature maps at strides 2, 4, 8, 16, 32
     (models/backbones.Pyramid: ResNet-34, EfficientNet-Lite, ...): same size in and out.
 
-    The decoder takes its channels from the encoder's (fastai's DynamicUnet does the same): each
-    block upsamples the path from below to half its channels and joins the skip; a block keeps
-    ``up/2 + skip/2`` channels (at least 96). Self-attention in the second block, as lesson 7.
+    The decoder is fastai v1's ``DynamicUnet`` (``vision/models/unet.py``, ``norm_type=NormType.Weight``
+    as lesson 7): BN + ReLU on the encoder's output, two weight-normed convs (2x, then 1x its
+    channels); each block upsamples the path from below to half its channels (ICNR PixelShuffle +
+    blur) and joins the BN'd skip, keeping ``up/2 + skip`` channels (half that in the last block);
+    self-attention (spectral-normed) in the second block; weight-normed convs, kaiming-normal init.
     ``pretrained``: the encoder's weights from models/weights.py (False: random, asked for).
     """
 
@@ -55,16 +65,17 @@ class DynamicUnet(nn.Module):
         self.encoder, self.weights = build_pyramid(encoder, pretrained=pretrained, announce=announce)
         channels = self.encoder.channels  # strides 2, 4, 8, 16, 32
         bottom = channels[-1]
-        self.middle = nn.Sequential(nn.BatchNorm2d(bottom), nn.ReLU(), conv_layer(bottom, 2 * bottom),
-                                    conv_layer(2 * bottom, bottom))
-        blocks, up = [], bottom
-        for i, skip in enumerate(reversed(channels[:-1])):
-            out = max(96, up // 2 + skip // 2)
-            blocks.append(UnetBlock(up, skip, out, blur=blur, self_attention=self_attention and i == 1))
-            up = out
+        self.middle = nn.Sequential(nn.BatchNorm2d(bottom), nn.ReLU(), conv_layer(bottom, 2 * bottom, **WN),
+                                    conv_layer(2 * bottom, bottom, **WN))
+        blocks, up, skips = [], bottom, list(reversed(channels[:-1]))
+        for i, skip in enumerate(skips):
+            block = UnetBlock(up, skip, final_div=i != len(skips) - 1, blur=blur,
+                              self_attention=self_attention and i == 1)
+            blocks.append(block)
+            up = block.out_channels
         self.decoder = nn.ModuleList(blocks)
         self.up_final = PixelShuffleUp(up, up, blur=blur, weight_normed=True)  # /2 -> /1
-        self.res = ResBlock(up + 3, norm_layer=None, weight_normed=True)
+        self.res = ResBlock(up + 3, final_act=True, **WN)
         # y_range: the lesson's sigmoid range on the output; None: the output is a correction added to
         # the input (its last conv starts at zero, so the network starts as the identity)
         self.residual = y_range is None

@@ -54,7 +54,10 @@ class TrainConfig:
     channels_last: bool = True  # CUDA only
     progress: bool | None = None  # a progress line on stderr; None: when stderr is a terminal
     tensorboard_dir: Path | None = None  # per-step loss/lr and per-epoch records, when set
-    lr_scaling: str = "linear"  # on N ranks (DDP): every lr x N ("linear", Goyal et al.) or as given ("none")
+    # on N ranks (DDP): "auto" = "linear" for plain SGD, "none" for adaptive optimizers (Adam, AdamW,
+    # RMSprop: every optimizer this project trains with); "linear" = every lr x N (Goyal et al., meant
+    # for SGD with a warm-up); "sqrt" = x sqrt(N); "none" = as given (models/distributed.py)
+    lr_scaling: str = "auto"
 
 
 def default_device(device: str | None = None) -> str:
@@ -74,6 +77,42 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+LR_SCALINGS = ("auto", "none", "linear", "sqrt")
+ADAPTIVE_OPTIMIZERS = (torch.optim.Adam, torch.optim.AdamW, torch.optim.RMSprop, torch.optim.Adagrad,
+                       torch.optim.Adadelta, torch.optim.Adamax, torch.optim.NAdam, torch.optim.RAdam)
+
+
+def lr_factor(rule: str, world: int, optimizers: Iterable[torch.optim.Optimizer]) -> float:
+    """The factor every learning rate of the schedule is multiplied by on ``world`` ranks.
+
+    The batch a config states is per rank, so N ranks take N x the images a step. The linear rule
+    (Goyal et al. 2017) is derived for SGD and needs a warm-up; adaptive optimizers normalise the
+    step by the gradient's running scale, and scaling their rate by N (a GAN critic at 4e-3 on 8
+    GPUs) diverges rather than speeds up. So ``auto`` scales plain SGD linearly and leaves adaptive
+    optimizers as given; ``linear`` and ``sqrt`` are there to be asked for.
+    """
+    if rule not in LR_SCALINGS:
+        raise ValueError(f"lr_scaling must be one of {list(LR_SCALINGS)}, got {rule!r}")
+    if world <= 1 or rule == "none":
+        return 1.0
+    if rule == "auto":
+        adaptive = [isinstance(o, ADAPTIVE_OPTIMIZERS) for o in optimizers]
+        return 1.0 if all(adaptive) else float(world)
+    return float(world) if rule == "linear" else float(world) ** 0.5
+
+
+RANK_SEED_STRIDE = 1_000_003  # a prime: (seed, rank) pairs do not collide for seeds below it
+
+
+def rank_seed(seed: int, rank: int | None = None) -> int:
+    """The seed of this rank's own random stream (noise, dropout, augmentation): ``seed`` itself on
+    rank 0 (so a 1-process run is unchanged), another stream on every other rank. Under DDP every rank
+    starts from the same weights (DDP broadcasts rank 0's) but must not draw the same noise: N ranks
+    would compute one rank's gradient for the random parts."""
+    rank = distributed.rank_and_world()[0] if rank is None else rank
+    return seed + RANK_SEED_STRIDE * rank
+
+
 def _rng_state() -> dict[str, Any]:
     """Every RNG's state as tensors and plain values (loadable with ``weights_only=True``)."""
     name, keys, pos, has_gauss, cached = np.random.get_state()
@@ -82,6 +121,14 @@ def _rng_state() -> dict[str, Any]:
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
+
+
+def _gather_rng_states() -> list[dict[str, Any]]:
+    """Every rank's RNG state, in rank order (the one process's outside DDP), for rank 0's checkpoint."""
+    mine = _rng_state()
+    if not distributed.is_distributed():
+        return [mine]
+    return distributed.gather_objects(mine)
 
 
 def _set_rng_state(state: dict[str, Any]) -> None:
@@ -188,6 +235,12 @@ class TrainingStep:
         wrapped = getattr(self, "_wrapped", {}).get(name)
         return wrapped if wrapped is not None else self.modules()[name]
 
+    def enter_phase(self, phase: Phase) -> bool:
+        """Called as the loop enters each phase (and on a resume); returns whether the set of trained
+        parameters changed (under DDP the loop then wraps the modules anew: DDP reduces only the
+        parameters that required gradients when it was built)."""
+        return False
+
     def extra_state(self) -> dict[str, Any]:
         """Plain values beyond the modules and optimizers a resume needs (e.g. a GAN switcher's mode)."""
         return {}
@@ -224,6 +277,9 @@ class TrainingStep:
         return self
 
 
+NORM_LAYERS = (nn.modules.batchnorm._BatchNorm, nn.GroupNorm, nn.LayerNorm)  # trained in frozen groups too
+
+
 class ModelStep(TrainingStep):
     """The usual step: one model, one optimizer, one loss, one ``backward``.
 
@@ -234,9 +290,28 @@ class ModelStep(TrainingStep):
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, loss_fn: LossFn, *,
                  grad_clip: float | None = None):
         self.model, self.optimizer, self.loss_fn, self.grad_clip = model, optimizer, loss_fn, grad_clip
+        self._frozen: tuple[int, ...] | None = None
 
     def modules(self) -> dict[str, nn.Module]:
         return {"model": self.model}
+
+    def enter_phase(self, phase: Phase) -> bool:
+        """Freeze the optimizer groups the phase names (``Phase.frozen_groups``), as fastai's
+        ``freeze_to`` with ``train_bn=True``: their parameters get no gradient at all (no backward
+        work), except those of BatchNorm layers, which keep training at their group's rate."""
+        frozen = tuple(phase.frozen_groups)
+        if frozen == self._frozen:
+            return False
+        if frozen and max(frozen) >= len(self.optimizer.param_groups):
+            raise ValueError(f"the phase freezes groups {frozen}; the optimizer has "
+                             f"{len(self.optimizer.param_groups)} parameter groups")
+        norm = {id(p) for m in self.model.modules() if isinstance(m, NORM_LAYERS) for p in m.parameters()}
+        for i, group in enumerate(self.optimizer.param_groups):
+            for p in group["params"]:
+                p.requires_grad_(i not in frozen or id(p) in norm)
+        changed = self._frozen is not None or bool(frozen)
+        self._frozen = frozen
+        return changed
 
     def optimizers(self) -> dict[str, torch.optim.Optimizer]:
         return {"optimizer": self.optimizer}
@@ -251,6 +326,50 @@ class ModelStep(TrainingStep):
             nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip)
         self.optimizer.step()
         return terms
+
+
+def _placement(step_fn: TrainingStep) -> dict[str, tuple[frozenset[str], tuple[bool, ...]]]:
+    """Per trained module: the devices of its parameters and buffers, and every submodule's mode."""
+    return {name: (frozenset(str(t.device) for t in (*m.parameters(), *m.buffers())),
+                   tuple(sub.training for sub in m.modules()))
+            for name, m in step_fn.modules().items()}
+
+
+def _check_placement(step_fn: TrainingStep, before: dict, hook: str) -> None:
+    """Raise, naming the hook, if it moved a trained module to another device or changed a mode:
+    e.g. a sample grid drawn with ``model.cpu().eval()`` would leave the generator on the CPU while
+    its optimizer state and the next batches stay on the GPU (it fails a step later, far from here)."""
+    for name, (devices, modes) in _placement(step_fn).items():
+        was_devices, was_modes = before[name]
+        if devices != was_devices:
+            raise RuntimeError(f"the {hook} hook moved the trained module {name!r} from {sorted(was_devices)} to "
+                               f"{sorted(devices)}; hooks must leave trained modules where they are (run a copy, "
+                               f"or move the inputs to the module's device)")
+        if modes != was_modes:
+            raise RuntimeError(f"the {hook} hook changed the train/eval mode of the trained module {name!r}; hooks "
+                               f"must restore it (models.train.eval_mode)")
+
+
+@contextmanager
+def eval_mode(*modules: nn.Module):
+    """Eval mode and no gradients for a block; every submodule's own mode restored after (a module
+    being trained stays in training, a frozen part of it stays in eval)."""
+    saved = [(sub, sub.training) for m in modules for sub in m.modules()]
+    for m in modules:
+        m.eval()
+    try:
+        with torch.no_grad():
+            yield modules[0] if len(modules) == 1 else modules
+    finally:
+        for sub, mode in saved:
+            sub.training = mode
+
+
+def module_device(module: nn.Module) -> torch.device:
+    """Where a module's parameters (else buffers) are; the CPU for one with neither."""
+    for t in (*module.parameters(), *module.buffers()):
+        return t.device
+    return torch.device("cpu")
 
 
 @contextmanager
@@ -286,13 +405,9 @@ def train(step_fn: TrainingStep, schedule: PhaseSchedule, batches: Batches, conf
     cuda = device.type == "cuda"
     rank, world = distributed.rank_and_world()
     writes = rank == 0  # under DDP only rank 0 writes checkpoints, TensorBoard, logs and artifacts
-    if config.lr_scaling not in ("linear", "none"):
-        raise ValueError(f"lr_scaling must be 'linear' or 'none', got {config.lr_scaling!r}")
-    lr_factor = world if config.lr_scaling == "linear" else 1
+    factor = lr_factor(config.lr_scaling, world, step_fn.optimizers().values())
     progress = (sys.stderr.isatty() if config.progress is None else config.progress) and writes
     step_fn.to(device, channels_last=cuda and config.channels_last)
-    if world > 1:
-        step_fn.distribute(lambda m: distributed.wrap(m, device))
     ckpt = Path(config.checkpoint_dir) / CHECKPOINT
     # per loss term: its sum over the epoch's samples, and how many samples it was computed on
     # (a term may appear on some steps only, e.g. a GAN's generator and critic terms alternate)
@@ -304,18 +419,42 @@ def train(step_fn: TrainingStep, schedule: PhaseSchedule, batches: Batches, conf
         sums = defaultdict(float, state["epoch_sums"])
         # checkpoints written before per-term counts held one count for every term
         counts = defaultdict(int, state.get("epoch_counts") or dict.fromkeys(sums, state.get("epoch_seen", 0)))
-        _set_rng_state(state["rng"])
+        ranks_rng = state.get("rng_ranks") or [state["rng"]]
+        if len(ranks_rng) == world:
+            _set_rng_state(ranks_rng[rank])  # each rank goes on with its own stream
+        elif rank == 0:
+            _set_rng_state(state["rng"])
+        else:  # the world size changed: a fresh stream per rank, a function of (seed, rank, step)
+            seed_everything(rank_seed(config.seed + step, rank))
         log.info("resumed from %s at step %d (epoch %d)", ckpt, step, step // schedule.steps_per_epoch)
     else:
-        seed_everything(config.seed)
+        seed_everything(rank_seed(config.seed, rank))
 
-    def checkpoint() -> None:
+    def checkpoint() -> None:  # every rank calls it (the RNG states are gathered); rank 0 writes
+        rngs = _gather_rng_states()
         if not writes:
             return
         save_checkpoint(ckpt, **step_fn.state_dict(), step=step,
-                        epoch=step // schedule.steps_per_epoch, rng=_rng_state(),
+                        epoch=step // schedule.steps_per_epoch, rng=rngs[0], rng_ranks=rngs,
                         epoch_sums={k: float(v) for k, v in sums.items()}, epoch_counts=dict(counts),
                         history=history, config={**asdict(config), "checkpoint_dir": str(ckpt.parent)})
+
+    entered: int | None = None
+
+    def enter(phase_index: int) -> None:
+        nonlocal entered
+        if phase_index == entered:
+            return
+        changed = step_fn.enter_phase(schedule.phases[phase_index])
+        if world > 1 and (entered is None or changed):  # DDP reduces what required gradients when built
+            step_fn.distribute(lambda m: distributed.wrap(m, device))
+        entered = phase_index
+
+    def hook(name: str, fn: Callable, *args):
+        before = _placement(step_fn)
+        result = fn(*args)
+        _check_placement(step_fn, before, name)
+        return result
 
     with _tensorboard(config.tensorboard_dir if writes else None, step) as writer:
         spe = schedule.steps_per_epoch
@@ -332,7 +471,8 @@ def train(step_fn: TrainingStep, schedule: PhaseSchedule, batches: Batches, conf
                 if i < skip:
                     continue
                 at_phase, lr, momentum = schedule.at(step)  # phases may change mid-epoch (a 1cycle's warm-up)
-                lr *= lr_factor
+                enter(at_phase)
+                lr *= factor
                 x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
                 if cuda and config.channels_last and x.dim() == 4:
                     x = x.contiguous(memory_format=torch.channels_last)
@@ -365,13 +505,14 @@ def train(step_fn: TrainingStep, schedule: PhaseSchedule, batches: Batches, conf
             if not writes:  # the other ranks go on: rank 0 evaluates, logs and checkpoints
                 history.append(record)
                 sums, counts = defaultdict(float), defaultdict(int)
+                checkpoint()  # this rank's RNG state goes into rank 0's checkpoint
                 if stop_after_steps is not None and step >= stop_after_steps:
                     return history
                 continue
             if evaluate is not None:
                 step_fn.eval()
                 with torch.no_grad():
-                    record.update({f"valid_{k}": v for k, v in evaluate(step_fn).items()})
+                    record.update({f"valid_{k}": v for k, v in hook("evaluate", evaluate, step_fn).items()})
             history.append(record)
             if writer is not None:
                 for name, value in record.items():
@@ -385,16 +526,10 @@ def train(step_fn: TrainingStep, schedule: PhaseSchedule, batches: Batches, conf
             log.info("epoch %d/%d: %s", epoch + 1, schedule.epochs,
                      {k: round(v, 5) if isinstance(v, float) else v for k, v in record.items()})
             if on_epoch is not None:
-                on_epoch(record)
+                hook("on_epoch", on_epoch, record)
             if stop_after_steps is not None and step >= stop_after_steps:
                 return history
         return history
-
-
-def freeze(module: nn.Module, frozen: bool = True) -> None:
-    """Stop (or restart) training a part of a model, e.g. a pretrained encoder; BN layers included."""
-    for p in module.parameters():
-        p.requires_grad_(not frozen)
 
 
 def param_groups(*groups: tuple[nn.Module, float]) -> list[dict[str, Any]]:

@@ -275,7 +275,7 @@ def runtime(default: Any = None) -> Any:
 
 def scale_out(default: int = 1) -> Any:
     """A spec field for the number of training processes (one per GPU; DDP, training/distributed.py).
-    It changes what a stage writes (N x the batch a step, the learning rate by the linear rule), so
+    It changes what a stage writes (N x the batch a step), so
     it is in the key, except at its default: stages trained on one device keep their keys."""
     return field(default=default, metadata={"omit_default": True})
 

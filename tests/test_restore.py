@@ -111,12 +111,14 @@ def test_evaluate_and_enhance_commands(pairs, tmp_path, capsys):
 @pytest.mark.slow
 def test_progressive_resizing_trains_small_then_large_and_resumes_across_sizes(pairs, tmp_path):
     phases = progressive_phases([(32, 8), (64, 8)], epochs=2, lr=1e-3)
-    frozen, unfrozen = (0.0, 0.0, 1.0), (0.01, 0.1, 1.0)  # [encoder low, encoder high, decoder]
-    assert [(p.image_size, p.group_scales) for p in phases] == [
+    # [encoder low, encoder high, decoder]: frozen = the encoder's groups without gradients but for
+    # their BatchNorm layers, at slice(lr) (lr/10 for them, lr for the decoder)
+    frozen, unfrozen = ((0.1, 0.1, 1.0), (0, 1)), ((0.01, 0.1, 1.0), ())
+    assert [(p.image_size, (p.group_scales, p.frozen_groups)) for p in phases] == [
         (32, frozen), (32, frozen), (32, unfrozen), (32, unfrozen),
         (64, frozen), (64, frozen), (64, unfrozen), (64, unfrozen)]
-    peaks = [p.lr[1] for p in phases[::2]]  # each 1cycle's maximum: lr, lr; then lr, lr/10 (the lesson's 2b)
-    assert peaks == pytest.approx([1e-3, 1e-3, 1e-3, 1e-4])
+    peaks = [p.lr[1] for p in phases[::2]]  # each 1cycle's maximum: 1a slice(lr*10), 1b lr; 2a lr, 2b lr/10
+    assert peaks == pytest.approx([1e-2, 1e-3, 1e-3, 1e-4])
     # the Johnson net keeps it quick on a CPU (it ignores the U-Net's encoder/decoder group scales)
     config = SuperResConfig(arch="johnson", loss="pixel", batch_size=4, pretrained=False, phases=phases)
     stores = {32: pairs["train"], 64: pairs["train64"]}

@@ -9,7 +9,8 @@ The restoration chain, each a stage of its own (cached, rerunnable alone):
 3. ``CriticStage``: the critic pretrained as a classifier of generated (0) vs original (1) images;
 4. ``GanStage``: both together, ``GanStep`` alternating by fastai's adaptive switcher: critic steps
    until its loss falls below 0.65, then one generator step. Generator loss = BCE(critic(fake), real)
-   + 50 x pixel MSE; critic loss = mean of BCE on real and on fake. Adam(betas=(0, 0.99)), weight
+   + 50 x pixel MSE, the MSE on ImageNet-normalised images as the lesson's (``normalize(imagenet_stats,
+   do_y=True)``: ~20x the MSE on [0, 1] images); critic loss = mean of BCE on real and on fake. Adam(betas=(0, 0.99)), weight
    decay 1e-3, a constant lr of 1e-4, the critic at 5x. Every epoch: a grid of the same val images
    (crappified | bicubic | pretrained | GAN | original) and PSNR/SSIM of the GAN generator next to
    the pretrained one's and bicubic's: a GAN's losses say little about progress.
@@ -29,11 +30,11 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch.nn import functional as F
 
 from models import distributed
 from models.data import make_loader, to_unit
 from models.gan import Critic, CriticLoss, DCGANCritic, DCGANGenerator, adaptive_bce, critic_accuracy
+from models.losses import normalized_mse
 from models.schedule import Phase, PhaseSchedule, one_cycle
 from models.train import (
     MODEL_FILE,
@@ -202,7 +203,7 @@ class CriticStage(StageSpec):
     """The critic pretrained to tell generated (0) from original (1) images; accuracy on val."""
 
     name = "critic"
-    version = 1
+    version = 2  # 2: spectral-normed self-attention (fastai's)
     retries = 1
     archive = True
     generated: str = upstream()
@@ -250,6 +251,9 @@ class GanStep(TrainingStep):
     The model not being trained gets no gradients (``requires_grad`` off) and stays in eval mode, so
     its BatchNorm statistics (and the critic's spectral-norm estimates and dropout) do not move.
     The critic's learning rate is ``critic_lr_mult`` x the schedule's (fastai's ``GANDiscriminativeLR``).
+    The critic always judges images clamped to [0, 1], as it was pretrained (on stored 8-bit images):
+    the generator's eval-mode output is clamped already, its training output is clamped here.
+    The pixel term is ``normalized_mse`` (the lesson's units: ``pixel_weight`` 50 means what its 50 means).
     """
 
     def __init__(self, generator: torch.nn.Module, critic: Critic, gen_opt: torch.optim.Optimizer,
@@ -309,8 +313,8 @@ class GanStep(TrainingStep):
         with autocast(device, bf16):
             fake = self.wrapped("generator")(low)
         fake = fake.float()
-        adversarial = adaptive_bce(self.critic(fake), True)
-        pixel = F.mse_loss(fake, high)
+        adversarial = adaptive_bce(self.critic(fake.clamp(0, 1)), True)
+        pixel = normalized_mse(fake, high)
         loss = adversarial + self.pixel_weight * pixel
         self.gen_opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -324,7 +328,7 @@ class GanConfig:
     epochs: int = 3
     lr: float = 1e-4  # constant (the lesson's fit(40, lr)): no 1cycle, momentum not touched
     batch_size: int = 8
-    pixel_weight: float = 50.0
+    pixel_weight: float = 50.0  # on the ImageNet-normalised MSE, as the lesson's weights_gen=(1, 50)
     critic_thresh: float = 0.65
     critic_lr_mult: float = 5.0
     weight_decay: float = 1e-3
@@ -349,7 +353,7 @@ class GanStage(StageSpec):
     """The GAN phase: the pretrained generator against the pretrained critic, on crappified pairs."""
 
     name = "gan"
-    version = 1
+    version = 2  # 2: the pixel term in the lesson's (normalised) units, the critic's inputs clamped alike
     retries = 1
     archive = True
     generator: str = upstream()  # the pretrained generator's super-res stage
@@ -535,7 +539,7 @@ class WganStage(StageSpec):
     """A WGAN trained on the images of a resize stage (its side must be a power of 2, e.g. 64)."""
 
     name = "wgan"
-    version = 1
+    version = 2  # 2: DCGAN N(0, 0.02) init
     retries = 1
     archive = True
     images: str = upstream()  # a resize stage

@@ -32,9 +32,13 @@ from models.train import (
     MODEL_FILE,
     ModelStep,
     TrainConfig,
+    autocast,
     default_device,
+    eval_mode,
     load_export,
+    module_device,
     param_groups,
+    rank_seed,
     save_checkpoint,
     seed_everything,
     train,
@@ -57,8 +61,12 @@ def store_scale(low_store: str | Path, high_store: str | Path) -> int:
     return s_high // s_low
 
 
-FROZEN, UNFROZEN = (0.0, 0.0, 1.0), (0.01, 0.1, 1.0)
-WEIGHTS_FILE = "weights.json"  # where the pretrained weights a run started from came from  # per layer group: [encoder low, encoder high, decoder]
+# per layer group [encoder low, encoder high, decoder], as multipliers of the phase's lr:
+# frozen (fastai's slice(lr): lr/10 for the encoder groups, whose BatchNorm layers alone train
+# (train_bn=True), lr for the decoder); unfrozen (slice(lr/100, lr): 1e-5, 1e-4, 1e-3 for lr 1e-3)
+FROZEN, UNFROZEN = (0.1, 0.1, 1.0), (0.01, 0.1, 1.0)
+ENCODER_GROUPS = (0, 1)  # frozen in a frozen phase (their norm layers train)
+WEIGHTS_FILE = "weights.json"  # where the pretrained weights a run started from came from
 
 
 @dataclass(frozen=True)
@@ -66,7 +74,7 @@ class SuperResConfig:
     arch: str = "unet"
     loss: str = "feature"
     batch_size: int = 8
-    phases: tuple[Phase, ...] = (Phase(1, (1e-3, 1e-5), "cosine", group_scales=FROZEN),)
+    phases: tuple[Phase, ...] = (Phase(1, (1e-3, 1e-5), "cosine", group_scales=FROZEN, frozen_groups=ENCODER_GROUPS),)
     pretrained: bool = True  # False: random encoder and loss network, asked for explicitly (--no-pretrained)
     seed: int = 0
     weight_decay: float = 1e-3  # the lesson's wd
@@ -163,7 +171,7 @@ def train_superres(pairs: Pair | Mapping[int, Pair], config: SuperResConfig, che
     history: list[dict[str, Any]] = []
     for i, (size, batch_size, phases) in enumerate(_legs(config.phases)):
         if config.arch != "unet":  # one parameter group: drop per-phase group scales meant for the U-Net
-            phases = tuple(replace(p, group_scales=None) for p in phases)
+            phases = tuple(replace(p, group_scales=None, frozen_groups=()) for p in phases)
         leg_size, (low, high) = _pair_for(pairs, size)
         loader = make_loader(low, batch_size or config.batch_size, num_workers=config.num_workers, target_store=high,
                              seed=config.seed, drop_last=True)
@@ -177,7 +185,8 @@ def train_superres(pairs: Pair | Mapping[int, Pair], config: SuperResConfig, che
 
         def batches(epoch: int, phase: Phase, loader=loader):
             loader.dataset.set_epoch(epoch)
-            draws = torch.Generator().manual_seed(config.seed * 100_003 + epoch)  # the same crops on a resume
+            # the same crops on a resume; each DDP rank its own
+            draws = torch.Generator().manual_seed(rank_seed(config.seed) * 100_003 + epoch)
             for lo, hi in loader:
                 lo, hi = to_unit(lo, tconfig.device), to_unit(hi, tconfig.device)
                 yield augment(lo, hi, draws) if augment else (lo, hi)
@@ -194,10 +203,14 @@ def train_superres(pairs: Pair | Mapping[int, Pair], config: SuperResConfig, che
 
 def lesson_phases(epochs: int, lr: float, *, second_size: bool = False, **data) -> list[Phase]:
     """Lesson 7's two steps at one size (``do_fit`` = ``fit_one_cycle(epochs, lrs, pct_start=0.9)``):
-    encoder frozen at ``slice(lr)``, then unfrozen at ``slice(lr/100, lr)`` over the three layer groups
-    (1e-5, 1e-4, 1e-3 for the lesson's lr = 1e-3). At the second, larger size the lesson ends with
-    ``slice(1e-6, 1e-4)`` and pct_start 0.3: ``second_size`` does that, relative to ``lr``."""
-    frozen = [replace(p, group_scales=FROZEN) for p in one_cycle(epochs, lr, pct_start=0.9, **data)]
+    ``do_fit('1a', slice(lr*10))`` with the encoder frozen (no gradients for it but its BatchNorm
+    layers, fastai's ``train_bn=True``), then unfrozen at ``slice(1e-5, lr)`` over the three layer
+    groups (1e-5, 1e-4, 1e-3 for the lesson's lr = 1e-3). At the second, larger size the lesson
+    freezes again at ``slice(lr)`` ('2a') and ends with ``slice(1e-6, 1e-4)``, pct_start 0.3 ('2b'):
+    ``second_size`` does that, relative to ``lr``."""
+    frozen_top = lr if second_size else lr * 10
+    frozen = [replace(p, group_scales=FROZEN, frozen_groups=ENCODER_GROUPS)
+              for p in one_cycle(epochs, frozen_top, pct_start=0.9, **data)]
     top, pct = (lr / 10, 0.3) if second_size else (lr, 0.9)
     unfrozen = [replace(p, group_scales=UNFROZEN) for p in one_cycle(epochs, top, pct_start=pct, **data)]
     return frozen + unfrozen
@@ -216,22 +229,23 @@ def progressive_phases(sizes: Sequence[tuple[int, int]], epochs: int, lr: float)
 def evaluate_superres(model: torch.nn.Module, low_store: str | Path, high_store: str | Path, *,
                       limit: int | None = None, batch_size: int = 16, device: str = "cpu") -> dict[str, Any]:
     """Per-image and mean PSNR/SSIM of the model and of bicubic upsampling against the targets."""
-    model.eval().to(device)
-    scale = store_scale(low_store, high_store)
-    rows: list[dict[str, Any]] = []
-    with open_store(low_store) as low_f, open_store(high_store) as high_f:
-        n = low_f["images"].shape[0] if limit is None else min(limit, low_f["images"].shape[0])
-        paths = high_f["paths"].asstr()
-        for a in range(0, n, batch_size):
-            b = min(a + batch_size, n)
-            low = to_unit(torch.from_numpy(low_f["images"][a:b]), device)
-            high = to_unit(torch.from_numpy(high_f["images"][a:b]), device)
-            pred = model(low).clamp(0, 1)
-            bicubic = F.interpolate(low, scale_factor=scale, mode="bicubic", align_corners=False).clamp(0, 1)
-            for i, (pm, pb, sm, sb) in enumerate(zip(psnr(pred, high), psnr(bicubic, high), ssim(pred, high),
-                                                     ssim(bicubic, high))):
-                rows.append({"path": paths[a + i], "psnr_model": float(pm), "psnr_bicubic": float(pb),
-                             "ssim_model": float(sm), "ssim_bicubic": float(sb)})
+    model.to(device)  # where it is already, when a training hook calls this
+    with eval_mode(model):
+        scale = store_scale(low_store, high_store)
+        rows: list[dict[str, Any]] = []
+        with open_store(low_store) as low_f, open_store(high_store) as high_f:
+            n = low_f["images"].shape[0] if limit is None else min(limit, low_f["images"].shape[0])
+            paths = high_f["paths"].asstr()
+            for a in range(0, n, batch_size):
+                b = min(a + batch_size, n)
+                low = to_unit(torch.from_numpy(low_f["images"][a:b]), device)
+                high = to_unit(torch.from_numpy(high_f["images"][a:b]), device)
+                pred = model(low).clamp(0, 1)
+                bicubic = F.interpolate(low, scale_factor=scale, mode="bicubic", align_corners=False).clamp(0, 1)
+                for i, (pm, pb, sm, sb) in enumerate(zip(psnr(pred, high), psnr(bicubic, high), ssim(pred, high),
+                                                         ssim(bicubic, high))):
+                    rows.append({"path": paths[a + i], "psnr_model": float(pm), "psnr_bicubic": float(pb),
+                                 "ssim_model": float(sm), "ssim_bicubic": float(sb)})
     if not rows:
         raise ValueError(f"no images to evaluate in {low_store}")
     mean = {k: sum(r[k] for r in rows) / len(rows) for k in ("psnr_model", "psnr_bicubic", "ssim_model", "ssim_bicubic")}
@@ -336,6 +350,15 @@ def grid_png(columns: list[torch.Tensor]) -> bytes:
     return buf.getvalue()
 
 
+def predict(model: torch.nn.Module, images: torch.Tensor) -> torch.Tensor:
+    """``model(images)`` in eval mode on the model's own device, as float32 on the CPU; the model is
+    neither moved nor left in another mode (it may be the one being trained: hooks call this)."""
+    with eval_mode(model):
+        device = module_device(model)
+        with autocast(device):
+            return model(images.to(device)).float().cpu()
+
+
 def sample_grid_png(models: torch.nn.Module | Sequence[torch.nn.Module], low_store: Path, high_store: Path,
                     n: int = 4) -> bytes:
     """Columns crappified (nearest) | bicubic | each model | target for the first ``n`` images, as PNG."""
@@ -344,8 +367,7 @@ def sample_grid_png(models: torch.nn.Module | Sequence[torch.nn.Module], low_sto
         low = to_unit(torch.from_numpy(lo["images"][:n]), "cpu")
         high = to_unit(torch.from_numpy(hi["images"][:n]), "cpu")
     size = high.shape[-1]
-    with torch.no_grad():
-        preds = [m.cpu().eval()(low) for m in models]
+    preds = [predict(m, low) for m in models]
     return grid_png([F.interpolate(low, size=size, mode="nearest"),
                      F.interpolate(low, size=size, mode="bicubic", align_corners=False), *preds, high])
 
@@ -361,7 +383,9 @@ class SuperResStage(StageSpec):
     size's held-out split against bicubic. Resumes inside the leg a crash interrupted."""
 
     name = "superres"
-    version = 2  # 2: pretrained encoder/loss network required, lesson phases, pair augmentation
+    # 2: pretrained encoder/loss network required, lesson phases, pair augmentation; 3: fastai's
+    # DynamicUnet decoder, the lesson's 1a rate (slice(lr*10)) with the frozen encoder's BN trained
+    version = 3
     retries = 1  # a second try resumes from the last checkpoint
     archive = True  # the model, history and evaluation go to the bulk tier too
     pairs: tuple[str, ...] = upstream()  # crappify stage directories

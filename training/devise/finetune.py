@@ -13,7 +13,7 @@ from models.data import make_loader, store_batches, to_float_nchw
 from models.devise import Devise
 from models.losses import LabelVectorLoss
 from models.schedule import Phase, PhaseSchedule, one_cycle
-from models.train import MODEL_FILE, ModelStep, TrainConfig, autocast, default_device, param_groups, train
+from models.train import MODEL_FILE, ModelStep, TrainConfig, autocast, default_device, param_groups, rank_seed, train
 from storage.atomic import atomic_write_json
 from storage.catalog import image_stores
 from storage.hdf5 import open_store
@@ -90,7 +90,7 @@ class FinetuneStage(StageSpec):
 
         def batches(epoch: int, phase: Phase):
             loader.dataset.set_epoch(epoch)
-            g = torch.Generator().manual_seed(config.seed * 100_003 + epoch)
+            g = torch.Generator().manual_seed(rank_seed(config.seed) * 100_003 + epoch)  # each DDP rank its own
             for images, labels in loader:
                 x = to_float_nchw(images, dev)
                 flip = (torch.rand(len(x), generator=g) < 0.5).to(dev)

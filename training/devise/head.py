@@ -14,7 +14,8 @@ from models.data import ChunkShuffleStream
 from models.devise import Devise, DeviseConfig, DeviseHead
 from models.losses import LabelVectorLoss
 from models.schedule import Phase, PhaseSchedule, one_cycle
-from models.train import MODEL_FILE, ModelStep, TrainConfig, default_device, load_checkpoint, seed_everything, train
+from models.train import (MODEL_FILE, ModelStep, TrainConfig, default_device, load_checkpoint, rank_seed,
+                          seed_everything, train)
 from storage.atomic import atomic_write_json
 from storage.catalog import store_classes
 from storage.hdf5 import open_store
@@ -51,7 +52,7 @@ def _feature_batches(stream: ChunkShuffleStream, views: int, seed: int):
 
     def batches(epoch: int, phase: Phase):
         stream.set_epoch(epoch)
-        g = torch.Generator().manual_seed(seed * 100_003 + epoch)
+        g = torch.Generator().manual_seed(rank_seed(seed) * 100_003 + epoch)  # each DDP rank its own views
         for x, y in stream:  # x: (B, views, F) float16
             pick = torch.randint(0, views, (len(x),), generator=g)
             yield x[torch.arange(len(x)), pick].float(), y
