@@ -46,6 +46,7 @@ def devise(
     hidden: Annotated[int, Field(ge=1)] = 1024,
     dropout: Annotated[float, Field(ge=0, lt=1)] = 0.5,
     zero_shot: list[str] | None = None,
+    zero_shot_source: str | None = None,
     finetune_epochs: FinetuneEpochs = 0,
     finetune_lr: Annotated[float, Field(gt=0)] = 1e-4,
     finetune_batch_size: Annotated[int, Field(ge=2)] = 64,
@@ -61,7 +62,10 @@ def devise(
     The head trains on the frozen ``backbone``'s pooled features (``flips``: mirrored copies too;
     ``auto``: a local ResNet-50 file, else the bundled EfficientNet-Lite0);
     ``finetune_epochs`` > 0 then trains body and head end to end. ``zero_shot``: wnids held out of
-    training for zero-shot evaluation (default: the classes outside ImageNet-1k). Word vectors
+    training for zero-shot evaluation (default: the classes outside ImageNet-1k; classes inside it are
+    refused: the pretrained body knows them). ``zero_shot_source``: a second folder in the same
+    layout whose classes (outside ImageNet-1k, e.g. ImageNet-21k-only wnids) are all held out, so a
+    1k-only source can be evaluated zero-shot too. Word vectors
     come from ``word_vectors`` (Google News / fastText file) or the bundled GloVe 50-d.
     ``gpus`` > 1 runs the fine-tuning on that many processes (DDP, one per GPU; gloo processes on
     a CPU machine): its batch size is per process and its learning rate stays as given (AdamW). The head
@@ -79,8 +83,16 @@ def devise(
                               seed=seed) if finetune_epochs else None
     stages = detach(pipeline(source=source, seed=seed, size=size, words=True, word_vectors=word_vectors, **run))
     features = stage(FeaturesStage(resize=stages["resize"], config=features_config), tiers, **run)
-    model_dir = stage(DeviseStage(features=features, words=stages["words"], config=head), tiers, **run)
-    outputs = {**stages, "devise-features": features, "devise": model_dir}
+    outputs = {**stages, "devise-features": features}
+    zero_shot_features = None
+    if zero_shot_source is not None:
+        held = detach(pipeline(source=zero_shot_source, seed=seed, size=size, words=False, **run))
+        outputs["zero-shot-resize"] = held["resize"]
+        zero_shot_features = outputs["zero-shot-features"] = stage(
+            FeaturesStage(resize=held["resize"], config=features_config), tiers, **run)
+    model_dir = stage(DeviseStage(features=features, words=stages["words"], config=head,
+                                  zero_shot_features=zero_shot_features, wordnet=stages["wordnet"]), tiers, **run)
+    outputs["devise"] = model_dir
     if finetune:
         model_dir = outputs["devise-finetune"] = stage(FinetuneStage(devise=model_dir, config=finetune, gpus=gpus), tiers,
                                                            **run)

@@ -96,5 +96,6 @@ def pipeline(
         vectors = vectors or stage(GloveStage(), tiers, **run)
         wordnet = stage(WordnetStage(source=str(wordnet_source())), tiers, **run)
         outputs["words"] = stage(EmbeddingStage(vectors=vectors, wordnet=wordnet, max_words=max_words), tiers, **run)
+        outputs["wordnet"] = wordnet
     publish_summary("pipeline", outputs, since)
     return outputs

@@ -391,10 +391,20 @@ def _cmd_devise(args: argparse.Namespace) -> int:
         raise UsageError("--finetune-epochs 1: fine-tuning runs a 1cycle, so use 0 (no fine-tuning) or at least 2")
     bad = [w for w in args.zero_shot or () if not (len(w) == 9 and w[0] == "n" and w[1:].isdigit())]
     if bad:
-        raise UsageError(f"--zero-shot {bad[0]!r} is not a WordNet noun id; expected n + 8 digits, e.g. n03790512")
+        raise UsageError(f"--zero-shot {bad[0]!r} is not a WordNet noun id; expected n + 8 digits, e.g. n02084071")
+    from prep.listing import check_source
+    from training.devise.classes import check_not_in_1k
+
+    try:
+        check_not_in_1k(args.zero_shot or (), "--zero-shot classes")
+        if args.zero_shot_source:
+            args.zero_shot_source = str(check_source(args.zero_shot_source))
+    except (OSError, ValueError) as e:
+        raise UsageError(str(e)) from None
     outputs = devise(source=args.source, size=args.size, backbone=args.backbone, pretrained=not args.no_pretrained,
                      epochs=args.epochs, batch_size=args.batch_size, finetune_epochs=args.finetune_epochs,
-                     zero_shot=args.zero_shot, word_vectors=args.word_vectors, ann_above=args.ann_above,
+                     zero_shot=args.zero_shot, zero_shot_source=args.zero_shot_source,
+                     word_vectors=args.word_vectors, ann_above=args.ann_above,
                      seed=args.seed, gpus=args.gpus, refresh=args.refresh, wait=not args.no_wait)
     model_dir = outputs.get("devise-finetune", outputs["devise"])
     print(format_hits(open_stage(model_dir).manifest()["metrics"]))
@@ -764,7 +774,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--finetune-epochs", type=_int_in(0), default=0,
                    help="then fine-tune body + head end to end (0: no fine-tuning, else at least 2)")
     p.add_argument("--zero-shot", nargs="+", metavar="WNID",
-                   help="classes held out of training (default: the classes outside ImageNet-1k)")
+                   help="classes held out of training (default: the classes outside ImageNet-1k; 1k classes are "
+                        "refused: the pretrained backbone knows them)")
+    p.add_argument("--zero-shot-source", metavar="DIR",
+                   help="a second folder (train/<wnid>/ layout) of classes outside ImageNet-1k, all held out: "
+                        "zero-shot evaluation for a 1k-only --source")
     p.add_argument("--ann-above", type=_int_in(0), default=100_000, help="use an HNSW index above this many images")
     _add_gpus(p)
     p.set_defaults(func=_cmd_devise)

@@ -262,9 +262,12 @@ def open_stage(path: Path | str) -> StageDir:
 # --- what a stage is ------------------------------------------------------------------------
 
 
-def upstream(**kwargs: Any) -> Any:
+def upstream(*, optional: bool = False, **kwargs: Any) -> Any:
     """A spec field naming a finished stage directory this stage reads: its key (not its path) goes
-    into this stage's key, so a moved tier keeps its keys. A list of directories works too."""
+    into this stage's key, so a moved tier keeps its keys. A list of directories works too.
+    ``optional``: None by default, and then left out of the key (existing keys stay)."""
+    if optional:
+        return field(default=None, metadata={"upstream": True, "omit_default": True}, **kwargs)
     return field(metadata={"upstream": True}, **kwargs)
 
 

@@ -30,8 +30,8 @@ from training.devise.finetune import FinetuneConfig, FinetuneStage
 from training.devise.head import DeviseStage, HeadConfig
 from training.devise.search import DeviseSearch, IndexStage
 
-TABBY, ESPRESSO, MOTORCYCLE, PALACE = "n02123045", "n07920052", "n03790512", "n03877845"
-ZERO_SHOT = (MOTORCYCLE, ESPRESSO)
+TABBY, ESPRESSO, MOTORCYCLE, PALACE, GIRAFFE = "n02123045", "n07920052", "n03790512", "n03877845", "n02439033"
+ZERO_SHOT = (MOTORCYCLE, GIRAFFE)  # outside ImageNet-1k (classes inside it are refused as zero-shot)
 
 
 @pytest.fixture(scope="module")
@@ -111,6 +111,9 @@ def test_default_zero_shot_classes_are_those_outside_imagenet_1k(run, word_table
     assert len(outside) == 5 and len(plan.trained) == len(run["classes"]) - 5 and not plan.no_vector
     with pytest.raises(ValueError, match="n99999999"):
         plan_classes(run["classes"], word_table, ["n99999999"])
+    # a 1k class is known to the pretrained body and ConSE's classifier: not zero-shot
+    with pytest.raises(ValueError, match=r"zero-shot classes \['n07920052'\] are ImageNet-1k classes"):
+        plan_classes(run["classes"], word_table, [MOTORCYCLE, ESPRESSO])
 
 
 def test_features_hold_both_views_and_the_export_reproduces_them(run):
@@ -145,7 +148,7 @@ def test_head_learns_and_beats_chance_next_to_the_softmax_baseline(run):
     assert rows["devise", "zero-shot", "imagenet-21k"]["n_candidates"] > 10_000
     assert rows["devise", "zero-shot", "all WordNet nouns"]["n_candidates"] > 70_000
     roles = {r["wnid"]: r["role"] for r in m["classes"]}
-    assert roles[MOTORCYCLE] == roles[ESPRESSO] == "zero_shot" and roles[TABBY] == "trained"
+    assert roles[MOTORCYCLE] == roles[GIRAFFE] == "zero_shot" and roles[TABBY] == roles[ESPRESSO] == "trained"
 
 
 def test_training_embeddings_land_nearest_their_class_vector(run, word_table):
@@ -287,3 +290,100 @@ def test_the_features_manifest_records_the_weights_and_conse_names_unseen_photos
     conse = ConseImages(word_table, "efficientnet_lite0")
     coffee = conse.embed_image(photo_path(next(p for p in SAMPLE_PHOTOS if p.wnid == ESPRESSO)))
     assert word_table.nearest_words(coffee, 1)[0][0] == ESPRESSO
+
+
+# --- zero-shot evaluation done right (issue 21) ----------------------------------------------
+
+
+def _wordnet_stage(word_table):
+    (stage,) = (word_table.path.parents[2] / "bulk" / "wordnet").iterdir()
+    return stage
+
+
+def test_a_perfect_prediction_scores_hit_1_even_when_a_held_out_class_is_also_a_1k_candidate(word_table):
+    from training.devise.classes import ClassPlan
+    from training.devise.evaluate import evaluate_devise
+
+    # ESPRESSO is in the 1k: listed among the held-out classes and the 1k, it was a candidate twice
+    plan = ClassPlan([TABBY, ESPRESSO, GIRAFFE], trained=[0], zero_shot=[1, 2], no_vector=[])
+    labels = np.array([1, 1, 2, 2, 0])
+    vectors = np.stack([word_table.vector(plan.classes[i]) for i in labels])  # exactly the class's vector
+    rows = evaluate_devise({"val": (vectors, labels)}, plan, word_table)
+    row = next(r for r in rows if r["candidates"] == "held-out + imagenet-1k")
+    assert row["hit@1"] == 1.0 and row["n_candidates"] == len(set(imagenet_wnids("1k")) & set(
+        word_table.table.key_to_index) | {GIRAFFE})
+
+
+def test_hierarchical_precision_credits_the_neighbourhood_of_the_true_class(word_table):
+    from prep.wordnet import open_wordnet
+    from training.devise.hierarchy import Hierarchy, hierarchical_precision
+
+    wn = open_wordnet(_wordnet_stage(word_table))
+    dog, puppy, domestic_animal, canine, car = "n02084071", "n01322604", "n01317541", "n02083346", "n02958343"
+    candidates = [dog, puppy, domestic_animal, canine, car, GIRAFFE]
+    h = Hierarchy(wn, candidates)
+    assert h.correct_set(dog, 1) == {dog}
+    near = h.correct_set(dog, 3)  # distance 1: its hypernyms (canine, domestic animal) and hyponym puppy
+    assert {dog, canine, domestic_animal, puppy} <= near and car not in near and GIRAFFE not in near
+    labels = candidates
+    top = np.array([[labels.index(dog), labels.index(canine), labels.index(car)],
+                    [labels.index(car), labels.index(GIRAFFE), labels.index(puppy)]])
+    hp = hierarchical_precision(top, labels, [dog, dog], h, (1, 2, 3))
+    assert hp[1] == pytest.approx(0.5)  # hp@1 = hit@1: the first image right, the second not
+    assert hp[2] == pytest.approx((2 / 2 + 0 / 2) / 2)  # dog and canine both lie in dog's neighbourhood
+    assert hp[3] == pytest.approx((2 / 3 + 1 / 3) / 2)  # puppy, third for the second image, counts too
+
+
+def test_a_zero_shot_source_adds_held_out_classes_with_hierarchical_precision(run, word_table, tmp_path,
+                                                                              sample_root):
+    import shutil
+
+    from tests.helpers import run_listing, run_resize
+    from training.devise.classes import with_zero_shot_source
+
+    # a second source of classes outside ImageNet-1k, none trained on: dog (held out of the training
+    # source too: more images of it) and "house cat" (new; the tabby photos stand in for it)
+    dog, house_cat = "n02084071", "n02121808"
+    source = tmp_path / "zs"
+    for split in ("train", "val"):
+        shutil.copytree(sample_root / split / dog, source / split / dog)
+        shutil.copytree(sample_root / split / TABBY, source / split / house_cat)
+    tiers = run["tiers"]
+    zresize = run_resize(tiers, run_listing(tiers, source), size=64, cores=1)
+    fc = FeaturesConfig(backbone="efficientnet_lite0", flips=True, batch_size=16)
+    zfeatures = run_stage(tiers, FeaturesStage(resize=str(zresize.path), config=fc, device="cpu"))
+    hc = HeadConfig(epochs=4, lr=1e-2, batch_size=8, hidden=64, dropout=0.1, zero_shot=(*ZERO_SHOT, dog),
+                    softmax_baseline=False)
+    devise = run_stage(tiers, DeviseStage(features=str(run["features"]), words=str(word_table.path), config=hc,
+                                          zero_shot_features=str(zfeatures.path),
+                                          wordnet=str(_wordnet_stage(word_table)), device="cpu"))
+    m = devise.manifest()
+    rows = {(r["model"], r["task"], r["candidates"]): r for r in m["metrics"]}
+    held = rows["devise", "zero-shot", "held-out classes"]
+    assert held["n_candidates"] == 4  # motorcycle, giraffe, dog + the source's house cat
+    with open_store(zresize.path / "train.h5") as a, open_store(zresize.path / "val.h5") as b:
+        extra_images = len(a["labels"]) + len(b["labels"])
+    with open_store(run["resize"] / "train.h5") as a, open_store(run["resize"] / "val.h5") as b:
+        labels = np.concatenate([a["labels"][:], b["labels"][:]])
+    own = int(np.isin(labels, [run["classes"].index(w) for w in (*ZERO_SHOT, dog)]).sum())
+    assert held["images"] == own + extra_images
+    for model in ("devise", "conse"):
+        r21k = rows[model, "zero-shot", "imagenet-21k"]
+        hp = [r21k[f"hp@{k}"] for k in (1, 2, 5, 10, 20)]
+        assert hp[0] == r21k["hit@1"] and all(0 <= v <= 1 for v in hp)
+        assert all(h >= r21k[f"hit@{k}"] / k - 1e-9 for h, k in zip(hp, (1, 2, 5, 10, 20)))
+    assert {r["wnid"] for r in m["zero_shot_classes"]} == {*ZERO_SHOT, dog, house_cat}
+    plan = plan_classes(run["classes"], word_table, ZERO_SHOT)
+    with pytest.raises(ValueError, match=r"zero-shot source classes \['n07920052'\] are ImageNet-1k classes"):
+        with_zero_shot_source(plan, [house_cat, ESPRESSO], word_table)
+    with pytest.raises(ValueError, match=r"zero-shot source classes \['n02084071'\] are trained on"):
+        with_zero_shot_source(plan, [dog], word_table)  # trained in that plan
+
+
+def test_the_hit_table_says_how_to_get_a_zero_shot_evaluation_when_there_is_none():
+    from training.devise.evaluate import format_hits
+
+    rows = [{"model": "devise", "task": "flat", "candidates": "imagenet-1k", "n_candidates": 1000, "images": 4,
+             **{f"hit@{k}": 0.5 for k in (1, 2, 5, 10, 20)}}]
+    out = format_hits(rows)
+    assert "zero-shot: not evaluated" in out and "--zero-shot-source DIR" in out

@@ -58,6 +58,7 @@ def plan_classes(classes: Sequence[str], table: WordTable, zero_shot: Sequence[s
         missing = sorted(w for w in zero_shot if w not in has_vector)
         if missing:
             raise ValueError(f"zero-shot classes {missing} have no word vector, so they cannot be named")
+        check_not_in_1k(zero_shot, "zero-shot classes")
         zero = set(zero_shot)
     no_vector = [i for i, w in enumerate(classes) if w not in has_vector]
     zs = [i for i, w in enumerate(classes) if w in zero]
@@ -65,6 +66,41 @@ def plan_classes(classes: Sequence[str], table: WordTable, zero_shot: Sequence[s
     if not trained:
         raise ValueError(f"no class is left to train on ({len(zs)} zero-shot, {len(no_vector)} without a vector)")
     return ClassPlan(list(classes), trained, zs, no_vector)
+
+
+def check_not_in_1k(wnids: Sequence[str], what: str) -> None:
+    """Refuse ImageNet-1k classes as zero-shot: the pretrained body and ConSE's classifier were trained
+    on them, so holding them out of the head's training measures nothing zero-shot."""
+    in_1k = sorted(set(wnids) & set(imagenet_wnids("1k")))
+    if in_1k:
+        raise ValueError(f"{what} {in_1k} are ImageNet-1k classes: the pretrained backbone (and ConSE's classifier) "
+                         f"learned them, so they are not zero-shot; hold out classes outside the 1k (ImageNet-21k "
+                         f"only, e.g. n02084071 dog, n02439033 giraffe)")
+
+
+def with_zero_shot_source(plan: ClassPlan, extra: Sequence[str], table: WordTable) -> tuple[ClassPlan, np.ndarray]:
+    """``plan`` extended by the classes of a second store held out entirely (a zero-shot source), and
+    the label of each of its classes in the extended plan (a class already held out keeps its label;
+    a new one follows the first store's). They must lie outside ImageNet-1k and outside the trained
+    classes; those without a word vector are listed as such."""
+    check_not_in_1k(extra, "zero-shot source classes")
+    trained = sorted(set(extra) & {plan.classes[i] for i in plan.trained})
+    if trained:
+        raise ValueError(f"zero-shot source classes {trained} are trained on (they are classes of the training source)")
+    has_vector = set(table.table.key_to_index)
+    if not any(w in has_vector for w in extra):
+        raise ValueError(f"no class of the zero-shot source has a word vector ({len(extra)} classes, e.g. "
+                         f"{list(extra)[:3]})")
+    classes, zero_shot, no_vector = list(plan.classes), list(plan.zero_shot), list(plan.no_vector)
+    labels = []
+    for w in extra:
+        if w in classes:  # already held out in the training source: more images of it
+            labels.append(classes.index(w))
+            continue
+        labels.append(len(classes))
+        (zero_shot if w in has_vector else no_vector).append(len(classes))
+        classes.append(w)
+    return ClassPlan(classes, plan.trained, zero_shot, no_vector), np.array(labels, dtype=np.int64)
 
 
 def fit_batch_size(store: Path, requested: int, keep: list[int], what: str, **stream) -> int:

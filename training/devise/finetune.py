@@ -15,13 +15,14 @@ from models.losses import LabelVectorLoss
 from models.schedule import Phase, PhaseSchedule, one_cycle
 from models.train import MODEL_FILE, ModelStep, TrainConfig, autocast, default_device, param_groups, rank_seed, train
 from storage.atomic import atomic_write_json
-from storage.catalog import image_stores
+from storage.catalog import image_stores, store_classes
 from storage.hdf5 import open_store
 from storage.image_vectors import EMBEDDINGS_FILE, write_embeddings
 from storage.report import Reporter, epoch_table
 from storage.stage import StageDir, StageSpec, open_stage, runtime, scale_out, upstream
 from storage.words import WordTable
-from training.devise.classes import ClassPlan, fit_batch_size
+from prep.wordnet import open_wordnet
+from training.devise.classes import ClassPlan, fit_batch_size, with_zero_shot_source
 from training.devise.evaluate import evaluate_devise, publish_hits
 from training.devise.export import export_devise, load_devise
 
@@ -63,7 +64,7 @@ class FinetuneStage(StageSpec):
     """Fine-tune body + head end to end from the image store (random flips), from a DeViSE stage's model."""
 
     name = "devise-finetune"
-    version = 1
+    version = 2  # 2: the DeViSE stage's zero-shot source and hierarchical precision in its evaluation
     retries = 1  # a second try resumes from the last checkpoint
     archive = True
     devise: str = upstream()
@@ -105,7 +106,14 @@ class FinetuneStage(StageSpec):
         model = model.cpu()
         embeddings = {s: embed_store(model, p, device=dev) for s, p in stores.items()}
         write_embeddings(out / EMBEDDINGS_FILE, embeddings)
-        metrics = evaluate_devise(embeddings, plan, table)
+        eval_plan, eval_embeddings = plan, dict(embeddings)
+        if dm.get("zero_shot_resize_dir"):  # the DeViSE stage's zero-shot source, through the fine-tuned model
+            eval_plan, relabel = with_zero_shot_source(plan, store_classes(dm["zero_shot_resize_dir"]), table)
+            for s, p in image_stores(dm["zero_shot_resize_dir"]).items():
+                vectors_, labels = embed_store(model, p, device=dev)
+                eval_embeddings[f"zero-shot-{s}"] = (vectors_, relabel[labels])
+        wordnet = open_wordnet(dm["wordnet_dir"]) if dm.get("wordnet_dir") else None
+        metrics = evaluate_devise(eval_embeddings, eval_plan, table, wordnet=wordnet)
         export_devise(out / MODEL_FILE, model, classes=classes, image_size=meta["image_size"],
                       words_dir=dm["words_dir"])
         atomic_write_json(out / "metrics.json", {"hits": metrics, "history": history})

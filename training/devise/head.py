@@ -23,7 +23,8 @@ from storage.image_vectors import EMBEDDINGS_FILE, write_embeddings
 from storage.report import Reporter, epoch_table
 from storage.stage import StageDir, StageSpec, open_stage, runtime, upstream
 from storage.words import WordTable
-from training.devise.classes import ClassPlan, fit_batch_size, plan_classes
+from prep.wordnet import open_wordnet
+from training.devise.classes import ClassPlan, fit_batch_size, plan_classes, with_zero_shot_source
 from training.devise.conse import class_vectors, conse_embed, feature_logits
 from training.devise.evaluate import evaluate_devise, publish_hits, zero_shot_classes
 from training.devise.export import export_devise
@@ -102,12 +103,18 @@ class DeviseStage(StageSpec):
     """Train the head (and the softmax baseline) on precomputed features; export; embed; evaluate."""
 
     name = "devise"
-    version = 2  # 2: ConSE and the ImageNet classifier in the table; 21k zero-shot candidates
+    # 2: ConSE and the ImageNet classifier in the table; 21k zero-shot candidates; 3: candidates
+    # de-duplicated, 1k classes refused as zero-shot, hierarchical precision, a zero-shot source
+    version = 3
     retries = 1  # a second try resumes from the last checkpoint
     archive = True
     features: str = upstream()
     words: str = upstream()
     config: HeadConfig = HeadConfig()
+    # features of a second source whose classes (outside ImageNet-1k) are all held out: zero-shot
+    # evaluation for a 1k-only training source
+    zero_shot_features: str | None = upstream(optional=True)
+    wordnet: str | None = upstream(optional=True)  # a WordNet stage: hierarchical precision@k
     device: str | None = runtime()
 
     def build(self, out: Path, report: Reporter) -> dict[str, Any]:
@@ -132,9 +139,22 @@ class DeviseStage(StageSpec):
             class_vecs, has_vector = class_vectors(table)
             conse = {s: (conse_embed(lg, class_vecs, has_vector), labels) for s, (lg, labels) in logits.items()}
             classifier_logits = logits.get("val")
-        metrics = evaluate_devise(embeddings, plan, table, softmax_logits=softmax_logits, conse=conse,
-                                  classifier_logits=classifier_logits)
-        held_out = zero_shot_classes(embeddings, plan, table, conse=conse)
+        eval_plan, eval_embeddings, eval_conse, zm = plan, embeddings, conse, {}
+        if self.zero_shot_features:  # every image of the second source, its labels after the first's
+            zdir = Path(self.zero_shot_features)
+            zm = open_stage(zdir).manifest()
+            eval_plan, relabel = with_zero_shot_source(plan, store_classes(zm["resize_dir"]), table)
+            zsplits = [s for s in ("train", "val") if (zdir / f"{s}.h5").is_file()]
+            extra = {f"zero-shot-{s}": apply_head(head, zdir / f"{s}.h5") for s in zsplits}
+            eval_embeddings = {**embeddings, **{s: (v, relabel[lab]) for s, (v, lab) in extra.items()}}
+            if conse is not None and zm.get("classifier"):
+                class_vecs, has_vector = class_vectors(table)
+                eval_conse = {**conse, **{f"zero-shot-{s}": (conse_embed(feature_logits(zdir, s), class_vecs, has_vector),
+                                                             relabel[extra[f"zero-shot-{s}"][1]]) for s in zsplits}}
+        wordnet = open_wordnet(self.wordnet) if self.wordnet else None
+        metrics = evaluate_devise(eval_embeddings, eval_plan, table, softmax_logits=softmax_logits, conse=eval_conse,
+                                  classifier_logits=classifier_logits, wordnet=wordnet)
+        held_out = zero_shot_classes(eval_embeddings, eval_plan, table, conse=eval_conse)
         # the whole model: the features stage's body + this head
         model = Devise(DeviseConfig(backbone=fm["backbone"], dims=table.dims, hidden=config.hidden,
                                     dropout=config.dropout, pretrained=False))
@@ -143,12 +163,14 @@ class DeviseStage(StageSpec):
         export_devise(out / MODEL_FILE, model, classes=plan.classes, image_size=fm["image_size"],
                       words_dir=self.words)
         atomic_write_json(out / "metrics.json", {"hits": metrics, "history": history,
-                                                 "softmax_history": softmax_history, "classes": plan.rows()})
+                                                 "softmax_history": softmax_history, "classes": eval_plan.rows()})
         return {"mode": "features", "metrics": metrics, "zero_shot_classes": held_out, "classes": plan.rows(),
                 "backbone": fm["backbone"],
                 "backbone_weights": fm["weights"], "pretrained_backbone": fm["pretrained_loaded"],
                 "model": MODEL_FILE, "embeddings": EMBEDDINGS_FILE,
-                "final_loss": history[-1]["loss"], "resize_dir": fm["resize_dir"], "words_dir": str(self.words)}
+                "final_loss": history[-1]["loss"], "resize_dir": fm["resize_dir"], "words_dir": str(self.words),
+                "zero_shot_resize_dir": zm["resize_dir"] if self.zero_shot_features else None,
+                "wordnet_dir": str(self.wordnet) if self.wordnet else None}
 
     def summarize(self, stage: StageDir, report: Reporter) -> None:
         publish_hits(stage, report, "head on precomputed features, vs a softmax classifier with the same budget")
