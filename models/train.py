@@ -382,7 +382,12 @@ def _tensorboard(log_dir: Path | None, step: int):
     if log_dir is None:
         yield None
         return
-    from torch.utils.tensorboard import SummaryWriter
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError as e:  # the package is optional (absent on the GPU machine's image): curves only
+        log.warning("no TensorBoard curves in %s: %s (pip install tensorboard)", log_dir, e)
+        yield None
+        return
 
     writer = SummaryWriter(str(log_dir), purge_step=step + 1 if step else None)
     try:

@@ -16,7 +16,7 @@ import hashlib
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -284,6 +284,7 @@ class FastStyleConfig:
     nf: int = 32
     n_res: int = 5
     network: str = "auto"
+    pretrained: bool = True  # False: a random loss network, asked for explicitly (tests, the device smoke)
     eval_images: int = 16  # val images whose loss is logged every epoch
     grid_rows: int = 4
     num_workers: int = 0
@@ -300,7 +301,7 @@ class FastStyleConfig:
                              f"{self.content_weight}")
         # "auto" resolved here: the stage key names the network actually used
         if self.network == "auto":
-            object.__setattr__(self, "network", best_available(LOSS_NETWORKS))
+            object.__setattr__(self, "network", best_available(LOSS_NETWORKS) if self.pretrained else "vgg19_caffe")
 
 
 def style_model(config: FastStyleConfig) -> torch.nn.Module:
@@ -344,7 +345,7 @@ class FastStyleStage(StageSpec):
     archive = True
     images: str = upstream()  # a resize stage
     style_digest: str = ""  # file_digest of the style image: its bytes, not its path, are in the key
-    config: FastStyleConfig = FastStyleConfig()
+    config: FastStyleConfig = field(default_factory=FastStyleConfig)  # resolves "auto": not at import
     style: str = runtime("")  # the style image's path (where to read it)
     device: str | None = runtime()
     gpus: int = scale_out()  # training processes (DDP; training/distributed.py)
@@ -363,7 +364,7 @@ class FastStyleStage(StageSpec):
         side = loader.dataset.image_shape[0]
         seed_everything(config.seed)  # the same initial weights every run: a resumed run starts where this one did
         model = style_model(config)
-        features = BlockFeatures(config.network)
+        features = BlockFeatures(config.network, pretrained=config.pretrained)
         style = resize_long_side(load_rgb(self.style), config.style_size or side)
         loss_fn = StyleLoss(features, style, content_block=config.content_block, content_weight=config.content_weight,
                             style_weights=config.style_weights, scaling=config.scaling,

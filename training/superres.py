@@ -13,7 +13,7 @@ import io
 import json
 import logging
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -389,7 +389,8 @@ class SuperResStage(StageSpec):
     retries = 1  # a second try resumes from the last checkpoint
     archive = True  # the model, history and evaluation go to the bulk tier too
     pairs: tuple[str, ...] = upstream()  # crappify stage directories
-    config: SuperResConfig = SuperResConfig()
+    # a factory: the default resolves "auto" to the installed weights, which an import must not need
+    config: SuperResConfig = field(default_factory=SuperResConfig)
     device: str | None = runtime()
     gpus: int = scale_out()  # training processes (DDP; training/distributed.py)
 

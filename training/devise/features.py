@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -79,7 +79,7 @@ class FeaturesStage(StageSpec):
     version = 2  # 2: pretrained weights required (recorded), the ImageNet classifier kept for ConSE
     retries = 1
     resize: str = upstream()
-    config: FeaturesConfig = FeaturesConfig()
+    config: FeaturesConfig = field(default_factory=FeaturesConfig)  # resolves "auto": not at import
     device: str | None = runtime()
 
     def build(self, out: Path, report: Reporter) -> dict[str, Any]:
