@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shutil
 import sys
 from pathlib import Path
@@ -619,6 +620,8 @@ def _cmd_status(args: argparse.Namespace) -> int:
             print(f"  {tier} tier: {len(mine)} stage(s), {_human(total)}")
         for r in sorted(mine, key=lambda r: (r["stage"], r.get("completed_unix") or 0)):
             note = f"  archived -> {r['archived_to']}" if r.get("archived_to") else ""
+            if r.get("problem"):
+                note += f"  ({r['problem'].removeprefix('damaged: ')}; the next run moves it aside and rebuilds it)"
             print(f"    {r['stage']:<16} {r['key']}  {r['state']:<10} {_human(r['bytes']):>10}  "
                   f"{r.get('completed_at') or '-':<24}{note}")
     url, what = _api_url()
@@ -633,6 +636,42 @@ def _cmd_status(args: argparse.Namespace) -> int:
         start = r.start_time.strftime("%Y-%m-%d %H:%M:%S") if r.start_time else "-"
         print(f"  {r.state_name or '-':<10} {start:<20} {r.name:<40} {url.removesuffix('/api')}/runs/flow-run/{r.id}")
     return 0
+
+
+def _cmd_verify(args: argparse.Namespace) -> int:
+    from storage.archive import stage_dirs
+    from storage.stage import StageDir, verify_stage
+    from storage.tiers import Tiers
+
+    if args.stages:
+        paths = []
+        for given in args.stages:
+            path = Path(given)
+            if not path.is_dir() or not re.fullmatch(r"[0-9a-f]{16}", path.name):
+                raise UsageError(f"{given!r} is not a stage directory (<tier>/<stage>/<16 hex key>)")
+            paths.append(path)
+    else:
+        tiers = Tiers.from_env()
+        paths = [p for tier in ("fast", "bulk") for p in stage_dirs(tiers, tier)]
+    damaged = unrecorded = checked = 0
+    for path in paths:
+        stage = StageDir(stage=path.parent.name, key=path.name, path=path)
+        problem = stage.problem()
+        if problem is not None and problem.startswith("unfinished"):
+            print(f"  {stage.stage:<16} {stage.key}  unfinished (nothing to verify)")
+            continue
+        bad = verify_stage(stage)
+        checked += 1
+        if bad:
+            damaged += 1
+            print(f"  {stage.stage:<16} {stage.key}  DAMAGED: " + "; ".join(bad))
+        elif "integrity" not in stage.manifest():
+            unrecorded += 1
+            print(f"  {stage.stage:<16} {stage.key}  complete, no checksums recorded (built before they were)")
+        else:
+            print(f"  {stage.stage:<16} {stage.key}  ok ({len(stage.manifest()['integrity'])} files, CRC-32 checked)")
+    print(f"{checked} stage(s) verified: {damaged} damaged, {unrecorded} without checksums")
+    return 1 if damaged else 0
 
 
 def _cmd_gc(args: argparse.Namespace) -> int:
@@ -864,6 +903,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--runs", type=_int_in(1, 200), default=10, help="how many recent runs to list")
     p.add_argument("--json", action="store_true", help="the stages as JSON")
     p.set_defaults(func=_cmd_status)
+
+    p = sub.add_parser("verify", help="check every file of finished stages against the sizes and CRC-32s "
+                                      "recorded when they were written (exit 1 when one is damaged)")
+    p.add_argument("stages", nargs="*", metavar="STAGE_DIR", help="stage directories (default: every stage on "
+                                                                   "both tiers)")
+    p.set_defaults(func=_cmd_verify)
 
     p = sub.add_parser("gc", help="free the fast tier: remove finished stages that none of the last N runs used "
                                   "(nor anything those runs' stages read)")

@@ -210,11 +210,13 @@ def stage_inventory(tiers: Tiers) -> list[dict[str, Any]]:
     for tier in TIER_NAMES:
         for path in stage_dirs(tiers, tier):
             stage = StageDir(stage=path.parent.name, key=path.name, path=path)
-            manifest = _manifest(path)
-            if manifest is not None:
+            manifest, problem = _manifest(path), stage.problem()
+            if problem is None:
                 state = "complete"
             elif stage.is_locked():
                 state = "building"
+            elif problem.startswith("damaged"):
+                state = "damaged"
             else:
                 state = "unfinished"
             archived = None
@@ -222,7 +224,8 @@ def stage_inventory(tiers: Tiers) -> list[dict[str, Any]]:
                 archived = json.loads((path / ARCHIVE_RECORD).read_text())["archived_to"]
             except (OSError, ValueError, KeyError):
                 pass
-            rows.append({"stage": stage.stage, "key": stage.key, "tier": tier, "state": state, "bytes": _size(path),
+            rows.append({"stage": stage.stage, "key": stage.key, "tier": tier, "state": state,
+                         "problem": problem if state == "damaged" else None, "bytes": _size(path),
                          "completed_at": (manifest or {}).get("completed_at"),
                          "completed_unix": (manifest or {}).get("completed_unix"), "archived_to": archived,
                          "path": str(path)})

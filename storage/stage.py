@@ -3,8 +3,13 @@ that runs it (``run_stage``).
 
 A stage writes into its own directory ``<tier>/<stage>/<key>/``. The key is a hash of everything
 its output depends on: the spec's parameters, the keys of the stages it reads, and a code version.
-A stage whose ``manifest.json`` exists is done; one without a manifest was never finished (or was
-interrupted) and is redone. The manifest is written last, atomically.
+A stage whose ``manifest.json`` exists, parses, and whose files are all there at the sizes it
+recorded is done; one without a manifest was never finished (or was interrupted) and is redone.
+The manifest is written last, atomically. A stage whose manifest does not parse, or one of whose
+recorded files is missing or has another size (a shard deleted by hand, a truncated store), is
+*damaged*: it is never used; the next run moves it aside (``<tier>/.damaged/``, not deleted) and
+rebuilds it. The manifest also records each file's CRC-32, which ``verify_stage`` (``imagesmith
+verify``) checks in full.
 
 A spec states its parameters once (the fields of a frozen dataclass): the same object names the
 directory and builds it, so a build can never land under another parameter set's key.
@@ -25,6 +30,7 @@ import socket
 import sys
 import threading
 import time
+import zlib
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -40,10 +46,35 @@ log = logging.getLogger(__name__)
 MANIFEST_NAME = "manifest.json"
 STARTED_NAME = ".started"  # when the current build began (removed when the manifest is written)
 _STAGE_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]*$")
+DAMAGED_DIR = ".damaged"  # <tier>/.damaged/<stage>/<key>-<time>/: damaged stages moved aside
+# files written into a finished stage later, by design: not part of its integrity record
+MUTABLE_FILES = ("last.pt", "archive.json")  # checkpoints (pruned once archived), the archive record
+
+
+def _crc32(path: Path) -> int:
+    crc = 0
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(8 << 20), b""):
+            crc = zlib.crc32(block, crc)
+    return crc
+
+
+def _recorded_files(root: Path) -> list[Path]:
+    return sorted(p for p in root.rglob("*") if p.is_file() and p.name != MANIFEST_NAME
+                  and not p.name.startswith(".") and p.name not in MUTABLE_FILES)
+
+
+def integrity_record(root: Path) -> dict[str, list[int]]:
+    """``{relative path: [size, crc32]}`` of every result file of a stage directory."""
+    return {p.relative_to(root).as_posix(): [p.stat().st_size, _crc32(p)] for p in _recorded_files(root)}
 
 
 class StageIncomplete(RuntimeError):
-    """A stage directory has no manifest: its stage never finished."""
+    """A stage directory has no (readable) manifest, or it is damaged: it is not to be used."""
+
+
+class StageDamaged(StageIncomplete):
+    """A finished stage whose manifest does not parse, or whose recorded files are missing or changed."""
 
 
 class StageBusy(RuntimeError):
@@ -78,17 +109,66 @@ class StageDir:
     def manifest_path(self) -> Path:
         return self.path / MANIFEST_NAME
 
+    def _read(self) -> tuple[dict[str, Any] | None, str | None]:
+        """(manifest, None) when the stage is complete and whole; (None, why) otherwise. ``why`` starts
+        with ``unfinished`` (no manifest) or ``damaged`` (a manifest that does not parse, a recorded
+        file missing or of another size: the cheap checks made on every use)."""
+        try:
+            text = self.manifest_path.read_text()
+        except FileNotFoundError:
+            return None, f"unfinished: no {MANIFEST_NAME}"
+        try:
+            manifest = json.loads(text)
+            if not isinstance(manifest, dict):
+                raise ValueError(f"a JSON {type(manifest).__name__}, not an object")
+        except ValueError as e:
+            return None, f"damaged: {self.manifest_path} does not parse ({str(e).splitlines()[0][:120]})"
+        for rel, (size, _crc) in (manifest.get("integrity") or {}).items():
+            path = self.path / rel
+            try:
+                actual = path.stat().st_size
+            except FileNotFoundError:
+                return None, f"damaged: {path} is missing"
+            if actual != size:
+                return None, f"damaged: {path} has {actual} bytes; it was written with {size}"
+        return manifest, None
+
     @property
     def is_complete(self) -> bool:
-        return self.manifest_path.is_file()
+        return self._read()[0] is not None
+
+    def problem(self) -> str | None:
+        """None for a complete, whole stage; else why it is not (``unfinished: ...`` or ``damaged: ...``)."""
+        return self._read()[1]
+
+    @property
+    def is_damaged(self) -> bool:
+        return (self.problem() or "").startswith("damaged")
 
     def manifest(self) -> dict[str, Any]:
-        if not self.is_complete:
-            raise StageIncomplete(
-                f"stage {self.stage!r} at {self.path} has no {MANIFEST_NAME}: it never finished. "
-                "Rerun the flow to build it (add --refresh if Prefect's cache still points here)."
-            )
-        return json.loads(self.manifest_path.read_text())
+        manifest, why = self._read()
+        if manifest is not None:
+            return manifest
+        if why.startswith("damaged"):
+            raise StageDamaged(f"stage {self.stage!r} at {self.path} is {why}; it is not used. Rerun the flow: the "
+                               f"damaged copy is moved aside to <tier>/{DAMAGED_DIR}/ and the stage is rebuilt")
+        raise StageIncomplete(
+            f"stage {self.stage!r} at {self.path} has no {MANIFEST_NAME}: it never finished. "
+            "Rerun the flow to build it (add --refresh if Prefect's cache still points here)."
+        )
+
+    def state_token(self) -> str:
+        """What Prefect's cache key adds: a damaged or unfinished stage never answers "Cached"."""
+        manifest = self._read()[0]
+        return f"complete:{manifest.get('completed_unix')}" if manifest is not None else "not-complete"
+
+    def move_aside(self) -> Path:
+        """Move a damaged stage directory to ``<tier>/.damaged/<stage>/<key>-<time>/`` (kept for a
+        person to look at, never deleted); the caller holds the stage's lock."""
+        dest = self.path.parent.parent / DAMAGED_DIR / self.stage / f"{self.key}-{time.strftime('%Y%m%dT%H%M%S')}"
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        os.rename(self.path, dest)
+        return dest
 
     @property
     def lock_path(self) -> Path:
@@ -182,6 +262,10 @@ class StageDir:
         if not self.locked_here:
             raise RuntimeError(f"stage {self.stage!r} at {self.path}: prepare() needs the stage's lock "
                                "(with stage.lock(): ...)")
+        why = self.problem()
+        if why and why.startswith("damaged"):
+            aside = self.move_aside()
+            log.warning("%s: %s is %s; moved it aside to %s and rebuilding it", self.stage, self.path, why, aside)
         if clean and self.path.exists():
             shutil.rmtree(self.path)
         self.path.mkdir(parents=True, exist_ok=True)
@@ -209,6 +293,7 @@ class StageDir:
             "completed_unix": round(now, 3),
             "build_s": round(now - started, 3) if started else None,
             **fields,
+            "integrity": integrity_record(self.path),
         }
         atomic_write_json(self.manifest_path, manifest)
         (self.path / STARTED_NAME).unlink(missing_ok=True)
@@ -249,6 +334,27 @@ def stage_dir(tiers: Tiers, tier: str, stage: str, params: Mapping[str, Any]) ->
         raise ValueError(f"bad stage name {stage!r}: use lower-case letters, digits, '-' and '_'")
     key = stage_key(params)
     return StageDir(stage=stage, key=key, path=tiers.root(tier) / stage / key, params=dict(params))
+
+
+def verify_stage(stage: StageDir) -> list[str]:
+    """The full check (``imagesmith verify``): every recorded file's size and CRC-32. Returns what is
+    wrong (empty: the stage is whole); a stage built before the record existed says so."""
+    manifest, why = stage._read()
+    if manifest is None:
+        return [why]
+    record = manifest.get("integrity")
+    if record is None:
+        return []  # built before checksums were recorded: the cheap checks are all there is
+    bad = []
+    for rel, (size, crc) in record.items():
+        path = stage.path / rel
+        if not path.is_file():
+            bad.append(f"{path} is missing")
+        elif path.stat().st_size != size:
+            bad.append(f"{path} has {path.stat().st_size} bytes; it was written with {size}")
+        elif _crc32(path) != crc:
+            bad.append(f"{path} does not match its CRC-32 (its bytes changed since the stage was written)")
+    return bad
 
 
 def open_stage(path: Path | str) -> StageDir:

@@ -2,10 +2,10 @@
 retries and run names for all of them. The work is the stage spec's (storage/stage.py); these
 wrappers add only what the orchestrator gives: caching, retries, logs and artifacts.
 
-Cache key = the stage directory (tier, stage name, key of the parameters and upstream stages),
-plus the shard for shard tasks. So Prefect answers "Cached" exactly when the directory it would
-write is the one a finished run wrote; the manifest stays the ground truth (a cached path whose
-directory was deleted by hand fails downstream with a message that says to --refresh).
+Cache key = the stage directory (tier, stage name, key of the parameters and upstream stages) and
+its completion, plus the shard and its build for shard tasks. So Prefect answers "Cached" exactly
+when the directory it would write is complete and whole; a stage that is unfinished or damaged
+(storage/stage.py) is never cached, so its task runs, and run_stage rebuilds it.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from prefect.utilities.hashing import hash_objects
 
 from prep.listing import fingerprint_dataset
 from prep.shards import Shard, ShardedStage
-from storage.stage import StageBusy, StageIncomplete, StageSpec, naming_full_disks, run_stage
+from storage.stage import STARTED_NAME, StageBusy, StageIncomplete, StageSpec, naming_full_disks, run_stage
 from storage.tiers import Tiers
 from tasks.artifacts import ArtifactReporter
 from tasks.logs import route_stage_logs
@@ -94,8 +94,19 @@ def retry_helps(task: Any, task_run: Any, state: Any) -> bool:
 
 
 def _cache_key(_context: Any, inputs: dict[str, Any]) -> str | None:
+    """A whole stage: cached only while it is complete and whole (the key names its completion, so a
+    stage damaged or rebuilt since never answers from an old result); None (no caching) otherwise.
+    A shard: cached within one build of its stage (the build's start marker), never across builds."""
     spec, tiers, shard = inputs["spec"], inputs["tiers"], inputs.get("shard")
-    return hash_objects("imagesmith-stage", str(spec.stage_dir(tiers).path), shard.label if shard else "whole")
+    stage = spec.stage_dir(tiers)
+    if shard is None:
+        token = stage.state_token()
+        return None if token == "not-complete" else hash_objects("imagesmith-stage", str(stage.path), "whole", token)
+    try:
+        build = (stage.path / STARTED_NAME).read_text()
+    except OSError:
+        return None
+    return hash_objects("imagesmith-stage", str(stage.path), shard.label, build)
 
 
 def cache_options(tiers: Tiers, refresh: bool = False) -> dict[str, Any]:

@@ -157,9 +157,20 @@ def test_a_word_table_that_is_a_pickle_is_refused(word_table, tmp_path, capsys):
     from imagesmith.cli import main
     from storage.words import WordTable
 
+    import json
+
+    from storage.stage import StageDamaged
+
     copy = tmp_path / "embeddings"
     shutil.copytree(word_table.path, copy)
     np.save(copy / "word_table.npy", np.array([{"payload": "anything"}], dtype=object), allow_pickle=True)
+    # the stage's integrity record sees the file replaced (another size) first
+    with pytest.raises(StageDamaged, match=r"word_table.npy has \d+ bytes; it was written with"):
+        WordTable(copy)
+    # and without it (a stage from before the record, or a same-size swap) the loader refuses the pickle
+    manifest = json.loads((copy / "manifest.json").read_text())
+    del manifest["integrity"]
+    (copy / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(ValueError, match=r"word_table.npy is not a plain array of numbers .* refusing to load it"):
         WordTable(copy)
     assert main(["words", "dog", "--table", str(copy)]) == 2
