@@ -28,7 +28,7 @@ def _none_or_a_cycle(epochs: int) -> int:
     return epochs
 
 
-FinetuneEpochs = Annotated[int, Field(ge=0), AfterValidator(_none_or_a_cycle)]
+FinetuneEpochs = Annotated[int, Field(ge=0, le=100_000), AfterValidator(_none_or_a_cycle)]
 # the UI's run form offers these; "auto": a local ResNet-50 file, else the bundled EfficientNet-Lite0
 Backbone = Literal[tuple(["auto", *classification_backbones()])]  # type: ignore[valid-type]
 
@@ -40,15 +40,15 @@ def devise(
     backbone: Backbone = "auto",
     pretrained: bool = True,
     flips: bool = True,
-    epochs: Annotated[int, Field(ge=2)] = 10,
-    lr: Annotated[float, Field(gt=0)] = 1e-2,
+    epochs: Annotated[int, Field(ge=2, le=100_000)] = 10,
+    lr: Annotated[float, Field(gt=0, le=10, allow_inf_nan=False)] = 1e-2,
     batch_size: Annotated[int, Field(ge=2)] = 256,
     hidden: Annotated[int, Field(ge=1)] = 1024,
-    dropout: Annotated[float, Field(ge=0, lt=1)] = 0.5,
+    dropout: Annotated[float, Field(ge=0, lt=1, allow_inf_nan=False)] = 0.5,
     zero_shot: list[str] | None = None,
     zero_shot_source: str | None = None,
     finetune_epochs: FinetuneEpochs = 0,
-    finetune_lr: Annotated[float, Field(gt=0)] = 1e-4,
+    finetune_lr: Annotated[float, Field(gt=0, le=10, allow_inf_nan=False)] = 1e-4,
     finetune_batch_size: Annotated[int, Field(ge=2)] = 64,
     word_vectors: str | None = None,
     ann_above: Annotated[int, Field(ge=0)] = DEFAULT_ANN_ABOVE,

@@ -18,8 +18,8 @@ from tasks.stages import stage
 from training.gan import CriticConfig, CriticStage, GanConfig, GanStage, GeneratedStage, WganConfig, WganStage
 from training.superres import SuperResStage, superres_plan
 
-Epochs = Annotated[int, Field(ge=1)]
-PositiveFloat = Annotated[float, Field(gt=0)]
+Epochs = Annotated[int, Field(ge=1, le=100_000)]
+PositiveFloat = Annotated[float, Field(gt=0, le=10, allow_inf_nan=False)]
 
 
 @flow(name="imagesmith-gan", flow_run_name=run_name("gan-{data}-{low_size}to{high_size}px-seed{seed}"))
@@ -35,7 +35,7 @@ def gan(
     critic_nf: Annotated[int, Field(ge=4)] = 64,
     gan_epochs: Epochs = 3,
     gan_lr: PositiveFloat = 1e-4,
-    pixel_weight: Annotated[float, Field(ge=0)] = 50.0,
+    pixel_weight: Annotated[float, Field(ge=0, le=1e12, allow_inf_nan=False)] = 50.0,
     critic_thresh: PositiveFloat = 0.65,
     batch_size: Annotated[int, Field(ge=2)] = 8,
     pretrained: bool = True,

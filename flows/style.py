@@ -18,8 +18,8 @@ from tasks.runs import begin_flow_run
 from tasks.stages import stage
 from training.style import FastStyleConfig, FastStyleStage, default_style, file_digest, load_rgb
 
-PositiveFloat = Annotated[float, Field(gt=0)]
-Weight = Annotated[float, Field(ge=0)]
+PositiveFloat = Annotated[float, Field(gt=0, le=10, allow_inf_nan=False)]
+Weight = Annotated[float, Field(ge=0, le=1e12, allow_inf_nan=False)]
 
 
 def check_style_image(path: str | Path) -> Path:
@@ -39,7 +39,7 @@ def style(
     source: str | None = None,
     style_image: str | None = None,
     size: ImageSide = 128,
-    epochs: Annotated[int, Field(ge=1)] = 2,
+    epochs: Annotated[int, Field(ge=1, le=100_000)] = 2,
     lr: PositiveFloat = 1e-3,
     batch_size: Annotated[int, Field(ge=1)] = 4,
     content_weight: Weight = 1.0,

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import re
 import shutil
@@ -33,7 +34,10 @@ class _Parser(argparse.ArgumentParser):
         self.exit(EXIT_USAGE, f"error: {self.prog}: {message} (see {self.prog} --help)\n")
 
 
-def _int_in(low: int, high: int | None = None):
+INT_CEILING = 1_000_000  # epochs, steps, batch sizes, k...: past this a number is a typo, not a plan
+
+
+def _int_in(low: int, high: int | None = INT_CEILING):
     """An argparse type: an integer in [low, high]; the error names the value and the range."""
     def parse(text: str) -> int:
         try:
@@ -239,17 +243,25 @@ def _cmd_enhance(args: argparse.Namespace) -> int:
     return 0
 
 
-def _float_over(low: float, *, inclusive: bool):
-    """An argparse type: a number > ``low`` (>= with ``inclusive``); the error names the value."""
+def _float_over(low: float, *, inclusive: bool, high: float = 1e12):
+    """An argparse type: a finite number > ``low`` (>= with ``inclusive``) and <= ``high``; the error
+    names the value (nan and inf are refused: they train nothing and write black images)."""
     def parse(text: str) -> float:
         try:
             value = float(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-        if value != value or value < low or (value == low and not inclusive):
-            raise argparse.ArgumentTypeError(f"{text} is out of range; use a number {'>=' if inclusive else '>'} {low:g}")
+        if not math.isfinite(value):
+            raise argparse.ArgumentTypeError(f"{text} is not a finite number; use a number "
+                                             f"{'>=' if inclusive else '>'} {low:g} and <= {high:g}")
+        if value < low or (value == low and not inclusive) or value > high:
+            raise argparse.ArgumentTypeError(f"{text} is out of range; use a number {'>=' if inclusive else '>'} "
+                                             f"{low:g} and <= {high:g}")
         return value
     return parse
+
+
+LEARNING_RATE = _float_over(0, inclusive=False, high=10.0)
 
 
 def _floats(count: int, what: str):
@@ -259,8 +271,8 @@ def _floats(count: int, what: str):
             values = tuple(float(v) for v in text.split(","))
         except ValueError:
             raise argparse.ArgumentTypeError(f"{text!r} is not {count} comma-separated numbers") from None
-        if len(values) != count or min(values) < 0:
-            raise argparse.ArgumentTypeError(f"{text!r}: {what} takes {count} comma-separated numbers >= 0, "
+        if len(values) != count or not all(math.isfinite(v) and 0 <= v <= 1e12 for v in values):
+            raise argparse.ArgumentTypeError(f"{text!r}: {what} takes {count} comma-separated finite numbers >= 0, "
                                              "e.g. " + ",".join(["1"] * count))
         return values
     return parse
@@ -714,7 +726,7 @@ def _cmd_archive(args: argparse.Namespace) -> int:
 def _add_run_options(p: argparse.ArgumentParser) -> None:
     """Options every flow command shares."""
     p.add_argument("--source", help="ImageNet-layout folder (train/<wnid>/*.JPEG); default: the bundled sample")
-    p.add_argument("--seed", type=_int_in(0), default=0, help="shuffle (and initial weights) seed")
+    p.add_argument("--seed", type=_int_in(0, 2**32 - 1), default=0, help="shuffle (and initial weights) seed")
     p.add_argument("--refresh", action="store_true",
                    help="rerun cached tasks; a stage whose directory still has its manifest is not "
                         "recomputed (delete that directory to force it)")
@@ -741,7 +753,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("sample", help="build the bundled sample dataset (real photos, ImageNet layout)")
     p.add_argument("--out", help="folder to write (default: a stage directory on the bulk tier)")
-    p.add_argument("--seed", type=_int_in(0), default=0)
+    p.add_argument("--seed", type=_int_in(0, 2**32 - 1), default=0)
     p.add_argument("--train-per-class", type=_int_in(1), default=40)
     p.add_argument("--val-per-class", type=_int_in(0), default=10)
     p.set_defaults(func=_cmd_sample)
@@ -756,7 +768,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="start a local Prefect server if none runs, then train every model family "
                                     "small on the bundled sample (about 10 min on 2 cores) and print a summary")
-    p.add_argument("--seed", type=_int_in(0), default=0, help="shuffle (and initial weights) seed")
+    p.add_argument("--seed", type=_int_in(0, 2**32 - 1), default=0, help="shuffle (and initial weights) seed")
     p.add_argument("--refresh", action="store_true", help="rerun cached tasks")
     p.add_argument("--no-wait", action="store_true", help="fail at once (exit 75) when another run builds a stage")
     p.add_argument("--port", type=_int_in(1, 65535), default=4200)
@@ -795,7 +807,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="train first at this target side, then at --high-size (lesson 7's 128 then 256)")
     p.add_argument("--crappifier", default="jpeg_text", choices=CRAPPIFIERS)
     p.add_argument("--epochs", type=_int_in(2), default=10, help="per 1cycle (frozen, then unfrozen)")
-    p.add_argument("--lr", type=_float_over(0, inclusive=False), default=1e-3)
+    p.add_argument("--lr", type=LEARNING_RATE, default=1e-3)
     p.add_argument("--batch-size", type=_int_in(1), default=8)
     p.add_argument("--no-pretrained", action="store_true", help="random encoder and loss network (asked for)")
     _add_gpus(p)
@@ -818,7 +830,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--zero-shot-source", metavar="DIR",
                    help="a second folder (train/<wnid>/ layout) of classes outside ImageNet-1k, all held out: "
                         "zero-shot evaluation for a 1k-only --source")
-    p.add_argument("--ann-above", type=_int_in(0), default=100_000, help="use an HNSW index above this many images")
+    p.add_argument("--ann-above", type=_int_in(0, 10**12), default=100_000, help="use an HNSW index above this many images")
     _add_gpus(p)
     p.set_defaults(func=_cmd_devise)
 
@@ -860,7 +872,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--scales", type=_int_in(1, 6), default=1,
                    help="optimise coarse to fine: at size / 2^(N-1) first, doubling each time")
     p.add_argument("--optimizer", choices=["lbfgs", "adam"], default="lbfgs")
-    p.add_argument("--lr", type=_float_over(0, inclusive=False), help="default: 1 for L-BFGS (line search), 0.02 for Adam")
+    p.add_argument("--lr", type=LEARNING_RATE, help="default: 1 for L-BFGS (line search), 0.02 for Adam")
     p.add_argument("--init", choices=["content", "noise"], help="the starting image (default: by --mode)")
     p.add_argument("--content-layer", type=_int_in(1, 5), default=4, help="VGG block of the content loss (1-5)")
     p.add_argument("--content-weight", type=_float_over(0, inclusive=True), default=1.0)
@@ -870,7 +882,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--scaling", choices=["relative", "lesson"], default="relative",
                    help="relative: each term a relative error (weights mean the same on any VGG and size); "
                         "lesson: the lesson's raw MSE with its 1e6 (tuned for VGG16-bn)")
-    p.add_argument("--seed", type=_int_in(0), default=0, help="seed of the noise start")
+    p.add_argument("--seed", type=_int_in(0, 2**32 - 1), default=0, help="seed of the noise start")
     p.add_argument("--log-every", type=_int_in(1), default=20)
     p.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda when available)")
     p.set_defaults(func=_cmd_stylize)
@@ -880,7 +892,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--style", help="the style image (default: Munch's The Scream from Debian's darknet package)")
     p.add_argument("--size", type=_int_in(*SIZE_RANGE), default=128, help="side of the training images")
     p.add_argument("--epochs", type=_int_in(1), default=2)
-    p.add_argument("--lr", type=_float_over(0, inclusive=False), default=1e-3)
+    p.add_argument("--lr", type=LEARNING_RATE, default=1e-3)
     p.add_argument("--batch-size", type=_int_in(1), default=4)
     p.add_argument("--content-weight", type=_float_over(0, inclusive=True), default=1.0)
     p.add_argument("--style-weights", type=_floats(5, "--style-weights"), default=(1.0, 1.0, 1.0, 1.0, 0.0),
@@ -951,6 +963,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {_one_line(e)}", file=sys.stderr)
         return EXIT_FAILED
     except (OSError, StageIncomplete, ValueError, KeyError) as e:
+        if type(e).__name__ == "NonFiniteLoss":  # models.train: training diverged; the line says where
+            print(f"error: {_one_line(e)}", file=sys.stderr)
+            return EXIT_FAILED
         if args.command in ("run", "demo", "superres", "devise", "gan", "wgan", "style"):
             raise  # inside a flow run: not an input we checked, so the traceback helps
         # a file or folder the user named that is missing, unreadable or of the wrong kind

@@ -17,6 +17,7 @@ On CUDA: bf16 autocast and channels_last. On CPU (tests): plain float32.
 from __future__ import annotations
 
 import logging
+import math
 import pickle
 import random
 import sys
@@ -42,6 +43,10 @@ CHECKPOINT = "last.pt"
 MODEL_FILE = "model.pt"  # an exported model: weights + what rebuilds it (``load_export``)
 Batches = Callable[[int, Phase], Iterable[tuple[torch.Tensor, torch.Tensor]]]
 LossFn = Callable[[torch.Tensor, torch.Tensor], "torch.Tensor | dict[str, torch.Tensor]"]
+
+
+class NonFiniteLoss(ValueError):
+    """A loss term became NaN or infinite: training stops (a retry would diverge the same way)."""
 
 
 @dataclass(frozen=True)
@@ -328,6 +333,18 @@ class ModelStep(TrainingStep):
         return terms
 
 
+def _check_finite(terms: dict[str, torch.Tensor], step: int, epoch: int, steps_per_epoch: int) -> None:
+    """Stop at the first step whose loss terms are not all finite, naming the step and the term
+    (one host sync a step: the terms are scalars). The weights after it are not checkpointed."""
+    values = torch.stack([v.detach().float().reshape(()) for v in terms.values()])
+    if bool(torch.isfinite(values).all()):
+        return
+    bad = ", ".join(f"{name} = {float(v)}" for name, v in terms.items() if not math.isfinite(float(v)))
+    raise NonFiniteLoss(f"training diverged at step {step} (epoch {epoch + 1}, batch {step - epoch * steps_per_epoch} "
+                        f"of {steps_per_epoch}): {bad}; the last checkpoint is kept. Lower the learning rate, or "
+                        f"check the inputs and loss weights")
+
+
 def _placement(step_fn: TrainingStep) -> dict[str, tuple[frozenset[str], tuple[bool, ...]]]:
     """Per trained module: the devices of its parameters and buffers, and every submodule's mode."""
     return {name: (frozenset(str(t.device) for t in (*m.parameters(), *m.buffers())),
@@ -485,6 +502,7 @@ def train(step_fn: TrainingStep, schedule: PhaseSchedule, batches: Batches, conf
                                             group_scales=schedule.phases[at_phase].group_scales))
                 step += 1
                 taken += 1
+                _check_finite(terms, step, epoch, spe)
                 for name, value in terms.items():  # summed on the device: no host sync per step
                     sums[name] = sums[name] + value.detach().double() * len(x)
                     counts[name] += len(x)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -31,6 +32,7 @@ from models.style import DEFAULT_STYLE_WEIGHTS, BlockFeatures, StyleLoss, StyleN
 from models.train import (
     MODEL_FILE,
     ModelStep,
+    NonFiniteLoss,
     TrainConfig,
     default_device,
     load_export,
@@ -205,6 +207,11 @@ def _optimise(start: torch.Tensor, loss_fn: StyleLoss, content_target, config: G
         terms["loss"].backward()
         state["n"] += 1
         state["last"] = {k: float(v.detach()) for k, v in terms.items()}
+        bad = {k: v for k, v in state["last"].items() if not math.isfinite(v)}
+        if bad:  # a black image written with exit 0 is worse than a stop that says where
+            raise NonFiniteLoss(f"style transfer diverged at iteration {done_before + state['n']} (scale {level}): "
+                                + ", ".join(f"{k} = {v}" for k, v in bad.items())
+                                + "; lower --lr or the loss weights")
         if state["n"] % config.log_every == 0 or state["n"] == config.steps:
             seconds = time.perf_counter() - t0
             record = {"scale": level, "size": list(x.shape[-2:]), "iteration": state["n"],
