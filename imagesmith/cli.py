@@ -116,9 +116,11 @@ def _cmd_sample(args: argparse.Namespace) -> int:
 def _check_pipeline_args(args: argparse.Namespace) -> None:
     """Everything the pipeline will be handed, checked before a server or a flow starts."""
     from prep.listing import check_source
+    from storage.tiers import Tiers
     from storage.wordvec import check_vector_path
 
     try:
+        Tiers.from_env()  # tiers that cannot be folders fail here, not after the flow started
         if args.source:
             args.source = str(check_source(args.source))
         if args.word_vectors:
@@ -953,6 +955,10 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         return args.func(args)
+    except KeyboardInterrupt as e:  # Ctrl-C or SIGTERM: one line, not stacked tracebacks
+        signum = getattr(e, "signum", 2)  # models.train.TrainingStopped says where it checkpointed
+        print(f"stopped: {_one_line(e) if str(e) else 'interrupted (Ctrl-C)'}", file=sys.stderr)
+        return 128 + signum
     except UsageError as e:
         print(f"error: {_one_line(e)}", file=sys.stderr)
         return EXIT_USAGE

@@ -49,10 +49,48 @@ class NonFiniteLoss(ValueError):
     """A loss term became NaN or infinite: training stops (a retry would diverge the same way)."""
 
 
+class TrainingStopped(KeyboardInterrupt):
+    """SIGINT (Ctrl-C) or SIGTERM reached a training run: it checkpointed at the step it was on and
+    stopped; the same command resumes from there. ``signal`` is the signal's number."""
+
+    def __init__(self, message: str, signum: int):
+        super().__init__(message)
+        self.signum = signum
+
+
+@contextmanager
+def _stop_requests():
+    """SIGINT and SIGTERM set a flag the loop reads between steps (instead of killing it mid-write);
+    the previous handlers come back after. Only the main thread can take signals: elsewhere (a
+    worker thread) nothing is installed and the flag stays unset."""
+    import signal
+    import threading
+
+    flag: dict[str, int | None] = {"signum": None}
+    if threading.current_thread() is not threading.main_thread():
+        yield flag
+        return
+
+    def handler(signum, frame):
+        if flag["signum"] is not None and signum == signal.SIGINT:  # a second Ctrl-C: stop at once
+            raise KeyboardInterrupt
+        flag["signum"] = signum
+
+    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield flag
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     checkpoint_dir: Path
-    checkpoint_every: int = 0  # steps; 0: only at the end of each epoch
+    checkpoint_every: int = 0  # steps; 0: only at the end of each epoch (and by time, below)
+    # also checkpoint mid-epoch once this many minutes passed since the last one (0: never), so a
+    # crash or kill loses minutes, not an epoch (hours on ImageNet); SIGINT/SIGTERM checkpoint too
+    checkpoint_minutes: float = 10.0
     seed: int = 0
     device: str | None = None  # None: CUDA when available, else CPU (decided when training starts)
     bf16: bool = True  # autocast on CUDA only
@@ -333,6 +371,14 @@ class ModelStep(TrainingStep):
         return terms
 
 
+def _stopped(signum: int, step: int, epoch: int, spe: int, ckpt: Path, progress: bool):
+    name = {2: "SIGINT", 15: "SIGTERM"}.get(signum, f"signal {signum}")
+    if progress:
+        print(file=sys.stderr)
+    raise TrainingStopped(f"{name}: training stopped at step {step} (epoch {epoch + 1}, batch {step - epoch * spe} of "
+                          f"{spe}) and checkpointed to {ckpt}; run the same command again to resume from there", signum)
+
+
 def _check_finite(terms: dict[str, torch.Tensor], step: int, epoch: int, steps_per_epoch: int) -> None:
     """Stop at the first step whose loss terms are not all finite, naming the step and the term
     (one host sync a step: the terms are scalars). The weights after it are not checkpointed."""
@@ -478,7 +524,26 @@ def train(step_fn: TrainingStep, schedule: PhaseSchedule, batches: Batches, conf
         _check_placement(step_fn, before, name)
         return result
 
-    with _tensorboard(config.tensorboard_dir if writes else None, step) as writer:
+    last_saved = time.monotonic()
+
+    def any_rank(flag: bool) -> bool:
+        """``flag`` on any rank (one tiny all-reduce under DDP): checkpoints and stops are collective."""
+        if world == 1:
+            return flag
+        return float(distributed.mean_scalar(torch.tensor(float(flag), device=device))) > 0
+
+    def stop_asked(requests: dict) -> bool:
+        """A stop signal reached this process, or any rank (torchrun forwards SIGTERM to every rank)."""
+        if any_rank(requests["signum"] is not None) and requests["signum"] is None:
+            requests["signum"] = 15
+        return requests["signum"] is not None
+
+    def save_now(requests: dict) -> bool:
+        """Whether to checkpoint mid-epoch now: a stop was asked for, or the time is due."""
+        due = config.checkpoint_minutes > 0 and time.monotonic() - last_saved >= 60 * config.checkpoint_minutes
+        return stop_asked(requests) | any_rank(due)
+
+    with _tensorboard(config.tensorboard_dir if writes else None, step) as writer, _stop_requests() as requests:
         spe = schedule.steps_per_epoch
         for epoch in range(step // spe, schedule.epochs):
             phase_index = schedule.phase_of_epoch(epoch)
@@ -512,8 +577,13 @@ def train(step_fn: TrainingStep, schedule: PhaseSchedule, batches: Batches, conf
                 if progress and i % 10 == 0:
                     print(f"\repoch {epoch + 1}/{schedule.epochs} step {i + 1}/{spe} loss {float(terms['loss']):.4f}",
                           end="", file=sys.stderr)
-                if config.checkpoint_every and step % config.checkpoint_every == 0 and step % spe:
+                mid_epoch = bool(step % spe)
+                if mid_epoch and (save_now(requests) or (config.checkpoint_every and
+                                                         step % config.checkpoint_every == 0)):
                     checkpoint()
+                    last_saved = time.monotonic()
+                if mid_epoch and requests["signum"] is not None:  # checkpointed just above
+                    _stopped(requests["signum"], step, epoch, spe, ckpt, progress)
                 if stop_after_steps is not None and step >= stop_after_steps and step % spe:
                     checkpoint()
                     return history
@@ -529,6 +599,8 @@ def train(step_fn: TrainingStep, schedule: PhaseSchedule, batches: Batches, conf
                 history.append(record)
                 sums, counts = defaultdict(float), defaultdict(int)
                 checkpoint()  # this rank's RNG state goes into rank 0's checkpoint
+                if stop_asked(requests) and epoch + 1 < schedule.epochs:  # as rank 0 decides below
+                    _stopped(requests["signum"], step, epoch, spe, ckpt, progress)
                 if stop_after_steps is not None and step >= stop_after_steps:
                     return history
                 continue
@@ -544,12 +616,15 @@ def train(step_fn: TrainingStep, schedule: PhaseSchedule, batches: Batches, conf
                 writer.flush()
             sums, counts = defaultdict(float), defaultdict(int)
             checkpoint()
+            last_saved = time.monotonic()
             if progress:
                 print(file=sys.stderr)
             log.info("epoch %d/%d: %s", epoch + 1, schedule.epochs,
                      {k: round(v, 5) if isinstance(v, float) else v for k, v in record.items()})
             if on_epoch is not None:
                 hook("on_epoch", on_epoch, record)
+            if stop_asked(requests) and epoch + 1 < schedule.epochs:  # stopped on an epoch's last step
+                _stopped(requests["signum"], step, epoch, spe, ckpt, progress)
             if stop_after_steps is not None and step >= stop_after_steps:
                 return history
         return history

@@ -34,7 +34,13 @@ class Tiers:
         """Tiers from ``IMAGESMITH_FAST_DIR`` / ``IMAGESMITH_BULK_DIR`` (default ./data/fast, ./data/bulk)."""
         fast = environ.get(FAST_ENV) or DEFAULT_FAST
         bulk = environ.get(BULK_ENV) or DEFAULT_BULK
-        return cls(fast=Path(fast).expanduser().resolve(), bulk=Path(bulk).expanduser().resolve())
+        tiers = cls(fast=Path(fast).expanduser().resolve(), bulk=Path(bulk).expanduser().resolve())
+        for name, path in ((FAST_ENV, tiers.fast), (BULK_ENV, tiers.bulk)):
+            blocked = next((p for p in (path, *path.parents) if p.exists()), None)
+            if blocked is not None and not blocked.is_dir():
+                raise NotADirectoryError(f"{name}={path}: {blocked} is a file, not a folder; point {name} at a "
+                                         f"directory (created when missing)")
+        return tiers
 
     def root(self, tier: str) -> Path:
         if tier == "fast":

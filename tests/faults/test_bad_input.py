@@ -133,3 +133,14 @@ class _returns:
             self.code = error.code
             return True
         return False
+
+
+@pytest.mark.parametrize("command", [["run"], ["superres"], ["devise"], ["status"]])
+def test_a_tier_that_is_a_file_is_one_line_before_any_flow(command, tmp_path, monkeypatch, capsys):
+    (tmp_path / "afile").write_text("")
+    monkeypatch.setenv("IMAGESMITH_FAST_DIR", str(tmp_path / "afile" / "fast"))
+    with _returns() as result:
+        result.code = main(command)
+    err = capsys.readouterr().err
+    assert result.code == 2 and len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
+    assert f"IMAGESMITH_FAST_DIR={tmp_path / 'afile' / 'fast'}: {tmp_path / 'afile'} is a file, not a folder" in err

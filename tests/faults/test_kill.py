@@ -232,3 +232,85 @@ def test_devise_finetune_with_loader_workers_killed_after_a_checkpoint_resumes_t
     spec = FinetuneStage(devise=str(head.path), device="cpu",
                          config=FinetuneConfig(epochs=6, batch_size=6, num_workers=2, lr=1e-3))
     _kill_resume_compare(spec, "finetune", tmp_path, "from training.devise.finetune import FinetuneConfig, FinetuneStage")
+
+
+STOPPABLE = '''
+import sys, torch
+from pathlib import Path
+from models.losses import pixel_mse
+from models.schedule import Phase, PhaseSchedule
+from models.superres import JohnsonNet
+from models.train import ModelStep, TrainConfig, TrainingStopped, train
+torch.manual_seed(0)
+model = JohnsonNet(2, n_res=1, nf=8)
+g = torch.Generator().manual_seed(1)
+X, Y = torch.rand(200, 3, 8, 8, generator=g), torch.rand(200, 3, 16, 16, generator=g)
+
+def batches(epoch, phase):
+    order = torch.randperm(200, generator=torch.Generator().manual_seed(epoch))
+    for i in range(50):
+        yield X[order[i * 4:(i + 1) * 4]], Y[order[i * 4:(i + 1) * 4]]
+
+try:
+    train(ModelStep(model, torch.optim.AdamW(model.parameters(), lr=1e-3), pixel_mse),
+          PhaseSchedule([Phase(3, 1e-3)], 50), batches,
+          TrainConfig(checkpoint_dir=Path(sys.argv[1]), device="cpu", progress=True))
+except TrainingStopped as e:
+    print(f"stopped: {e}", file=sys.stderr)
+    sys.exit(128 + e.signum)
+torch.save(model.state_dict(), Path(sys.argv[1]) / "final.pt")
+'''
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_a_signal_mid_epoch_checkpoints_that_step_and_the_resume_is_exact(tmp_path, signum):
+    from models.train import load_checkpoint
+
+    script = tmp_path / "stoppable.py"
+    script.write_text(STOPPABLE)
+    stopped, straight = tmp_path / "stopped", tmp_path / "straight"
+    proc = subprocess.Popen([sys.executable, str(script), str(stopped)], cwd=REPO, stderr=subprocess.PIPE, text=True)
+    seen = ""
+    while "step 11/50" not in seen:  # the progress line: the 11th step of epoch 1 is done
+        seen += proc.stderr.read(1)
+        assert seen or proc.poll() is None
+    proc.send_signal(signum)
+    err = seen + proc.stderr.read()
+    assert proc.wait(timeout=120) == 128 + signum, err
+    lines = [line for line in err.replace("\r", "\n").splitlines() if line.startswith("stopped:")]
+    name = "SIGTERM" if signum == signal.SIGTERM else "SIGINT"
+    assert len(lines) == 1 and f"{name}: training stopped at step" in lines[0] and "Traceback" not in err, err
+    state = load_checkpoint(stopped / "last.pt")
+    assert 11 <= state["step"] < 50  # mid-epoch 1: before the fix, no checkpoint until the epoch's end
+    for d in (stopped, straight):
+        done = subprocess.run([sys.executable, str(script), str(d)], cwd=REPO, capture_output=True, text=True,
+                              timeout=300)
+        assert done.returncode == 0, done.stderr
+    a, b = (torch.load(d / "final.pt", weights_only=True) for d in (stopped, straight))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_training_checkpoints_by_wall_time_mid_epoch(tmp_path):
+    from models.losses import pixel_mse
+    from models.schedule import Phase, PhaseSchedule
+    from models.superres import JohnsonNet
+    from models.train import ModelStep, TrainConfig, load_checkpoint, train
+
+    torch.manual_seed(0)
+    model = JohnsonNet(2, n_res=1, nf=8)
+    seen = []  # the checkpoint's step as each batch of the one epoch is drawn
+
+    def batches(epoch, phase):
+        g = torch.Generator().manual_seed(epoch)
+        for _ in range(6):
+            ckpt = tmp_path / "last.pt"
+            seen.append(load_checkpoint(ckpt)["step"] if ckpt.is_file() else None)
+            time.sleep(0.06)
+            yield torch.rand(2, 3, 8, 8, generator=g), torch.rand(2, 3, 16, 16, generator=g)
+
+    config = TrainConfig(checkpoint_dir=tmp_path, device="cpu", progress=False, checkpoint_minutes=0.1 / 60)
+    train(ModelStep(model, torch.optim.AdamW(model.parameters(), lr=1e-3), pixel_mse), PhaseSchedule([Phase(1, 1e-3)], 6),
+          batches, config)
+    # checkpoints every 0.1 s of a 6-step epoch, not only at its end
+    assert seen[0] is None and any(s is not None and 0 < s < 6 for s in seen), seen
+    assert TrainConfig(checkpoint_dir=tmp_path).checkpoint_minutes == 10.0  # the default
