@@ -181,6 +181,13 @@ def _finished_stage(path: str | None, stage: str, option: str) -> Path:
         return _latest_stage(stage)
     if not (Path(path) / MANIFEST_NAME).is_file():
         raise UsageError(f"{option} {path!r} is not a finished {stage!r} stage directory (no {MANIFEST_NAME})")
+    try:
+        kind = json.loads((Path(path) / MANIFEST_NAME).read_text()).get("stage")
+    except (OSError, ValueError) as e:
+        raise UsageError(f"{option} {path!r}: its {MANIFEST_NAME} does not read ({e})") from None
+    if kind != stage:
+        raise UsageError(f"{option} {path!r} is a finished {kind!r} stage; a {stage!r} stage directory is needed "
+                         f"(<tier>/{stage}/<key>)")
     return Path(path)
 
 
@@ -416,6 +423,12 @@ def _cmd_devise(args: argparse.Namespace) -> int:
             args.zero_shot_source = str(check_source(args.zero_shot_source))
     except (OSError, ValueError) as e:
         raise UsageError(str(e)) from None
+    from flows.devise import Backbone
+
+    accepted = Backbone.__args__  # type: ignore[attr-defined]
+    if args.backbone not in accepted:
+        raise UsageError(f"--backbone {args.backbone!r} is not a backbone this build accepts; choose one of "
+                         f"{', '.join(accepted[:12])}, ... ({len(accepted)} in all, e.g. resnet50, efficientnet_lite0)")
     outputs = devise(source=args.source, size=args.size, backbone=args.backbone, pretrained=not args.no_pretrained,
                      epochs=args.epochs, batch_size=args.batch_size, finetune_epochs=args.finetune_epochs,
                      zero_shot=args.zero_shot, zero_shot_source=args.zero_shot_source,

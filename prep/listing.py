@@ -85,6 +85,24 @@ class _Scan:
     skipped: int = 0  # non-image entries
     empty: list[str] = field(default_factory=list)  # class folders without an image file
     unsafe: list[str] = field(default_factory=list)  # entries whose names a TSV cannot hold (repr)
+    left_out: list[list[str]] = field(default_factory=list)  # [relative path, why], each entry not listed
+
+
+def _why_left_out(entry: os.DirEntry, *, in_class: bool) -> str:
+    """Why an entry of a split (``in_class``: of a class folder) is not an image the listing takes."""
+    if entry.is_symlink() and not os.path.exists(entry.path):
+        return "a dangling symlink"
+    if entry.is_dir():  # in a class folder (a split's folders are its classes)
+        return "a sub-folder: images nested below <split>/<wnid>/ are not listed"
+    if not in_class:
+        return "a file where a class folder is expected (<split>/<wnid>/)"
+    if not entry.is_file():
+        return "not a regular file"
+    return f"not an image file name (suffix {os.path.splitext(entry.name)[1] or 'none'!r}; accepted: " \
+           f"{', '.join(sorted(IMAGE_SUFFIXES))})"
+
+
+MAX_NAMED = 1000  # left-out entries named in the manifest (all are counted)
 
 
 def _scan_split(split_dir: Path, split: str) -> _Scan:
@@ -99,6 +117,7 @@ def _scan_split(split_dir: Path, split: str) -> _Scan:
                 class_dirs.append(entry.name)
             else:
                 scan.skipped += 1
+                scan.left_out.append([f"{split}/{entry.name}", _why_left_out(entry, in_class=False)])
     class_dirs.sort()
     start = time.perf_counter()
     n_files = 0
@@ -109,6 +128,7 @@ def _scan_split(split_dir: Path, split: str) -> _Scan:
                 # is_file() answers from the directory entry's d_type: no stat on Linux filesystems
                 if not (entry.is_file() and os.path.splitext(entry.name)[1].lower() in IMAGE_SUFFIXES):
                     scan.skipped += 1
+                    scan.left_out.append([f"{split}/{wnid}/{entry.name}", _why_left_out(entry, in_class=True)])
                 elif _unsafe(entry.name):
                     scan.unsafe.append(repr(f"{split}/{wnid}/{entry.name}"))
                 else:
@@ -149,7 +169,8 @@ def list_dataset(root: Path | str, splits: Sequence[str] = SPLITS) -> Listing:
         splits_out[split] = SplitListing(paths=paths, labels=labels)
     return Listing(root=root, classes=classes, splits=splits_out, skipped=sum(s.skipped for s in scans.values()),
                    empty={split: s.empty for split, s in scans.items() if s.empty},
-                   unsafe=[name for s in scans.values() for name in s.unsafe])
+                   unsafe=[name for s in scans.values() for name in s.unsafe],
+                   left_out=sorted(item for s in scans.values() for item in s.left_out))
 
 
 def shuffle_listing(listing: Listing, seed: int) -> Listing:
@@ -167,7 +188,9 @@ class ListingStage(StageSpec):
     """Stage 1: the dataset at ``root`` (in the state ``fingerprint`` names), listed and shuffled with ``seed``."""
 
     name = "listing"
-    version = 2  # bump when the listing's content or format changes (2: unsafe names skipped, empty folders reported)
+    # bump when the listing's content or format changes (2: unsafe names skipped, empty folders
+    # reported). The manifest's "left_out" (each entry not listed, and why) changes no listed file.
+    version = 2
     root: str
     fingerprint: str
     seed: int = 0
@@ -191,7 +214,8 @@ class ListingStage(StageSpec):
                  counts, len(listing.classes), listing.skipped, elapsed, list_s)
         return {"root": str(listing.root), "seed": self.seed, "counts": counts, "classes": len(listing.classes),
                 "per_class": per_class, "skipped_non_image": listing.skipped, "empty_class_folders": listing.empty,
-                "skipped_unsafe_names": listing.unsafe, "list_s": round(list_s, 3), "elapsed_s": round(elapsed, 3)}
+                "skipped_unsafe_names": listing.unsafe, "left_out": listing.left_out[:MAX_NAMED],
+                "left_out_count": len(listing.left_out), "list_s": round(list_s, 3), "elapsed_s": round(elapsed, 3)}
 
     def summarize(self, stage: StageDir, report: Reporter) -> None:
         m = stage.manifest()
@@ -201,6 +225,7 @@ class ListingStage(StageSpec):
             + [{"split": "(skipped non-image entries)", "images": m["skipped_non_image"], "classes": ""}]
             + [{"split": f"(empty class folders in {split})", "images": 0, "classes": ", ".join(wnids)}
                for split, wnids in m["empty_class_folders"].items()]
+            + [{"split": f"(left out: {why})", "images": 1, "classes": path} for path, why in m.get("left_out", [])[:50]]
             + ([{"split": "(skipped: names with a tab, line break or non-UTF-8 bytes)",
                  "images": len(m["skipped_unsafe_names"]), "classes": ", ".join(m["skipped_unsafe_names"][:20])}]
                if m["skipped_unsafe_names"] else []),

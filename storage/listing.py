@@ -26,6 +26,7 @@ class Listing:
     splits: dict[str, SplitListing]
     skipped: int  # entries that are not image files (other suffixes, stray files, links to dirs)
     empty: dict[str, list[str]] = field(default_factory=dict)  # split -> class folders without an image file
+    left_out: list[list[str]] = field(default_factory=list)  # [relative path, why] of every entry not listed
     unsafe: list[str] = field(default_factory=list)  # entries skipped: names a TSV cannot hold (their repr)
 
 

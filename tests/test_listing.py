@@ -139,3 +139,24 @@ def test_names_a_tsv_cannot_hold_are_skipped_and_reported(own_sample, tiers):
     assert len(read_split(stage.path, "train").paths) == before  # the TSV still reads back, row for row
     assert sorted(stage.manifest()["skipped_unsafe_names"]) == sorted(
         [repr(f"train/{wnid}/tab\there.JPEG"), repr(f"train/{wnid}/new\nline.JPEG")])
+
+
+def test_every_entry_left_out_is_named_with_why(own_sample, tiers):
+    """Nested images, dangling symlinks, files where class folders belong: named, not only counted."""
+    wnid = sorted(p.name for p in (own_sample / "train").iterdir())[0]
+    photo = next((own_sample / "train" / wnid).glob("*.JPEG"))
+    (own_sample / "train" / wnid / "more").mkdir()
+    shutil.copy(photo, own_sample / "train" / wnid / "more" / "nested.JPEG")
+    (own_sample / "train" / wnid / "gone.JPEG").symlink_to(own_sample / "nowhere.JPEG")
+    (own_sample / "train" / "n12345678").write_text("a file, not a folder")
+    (own_sample / "train" / wnid / "notes.txt").write_text("x")
+    stage = run_stage(tiers, ListingStage(root=str(own_sample), fingerprint=fingerprint_dataset(own_sample)))
+    m = stage.manifest()
+    left = dict(m["left_out"])
+    assert left[f"train/{wnid}/more"] == "a sub-folder: images nested below <split>/<wnid>/ are not listed"
+    assert left[f"train/{wnid}/gone.JPEG"] == "a dangling symlink"
+    assert left["train/n12345678"] == "a file where a class folder is expected (<split>/<wnid>/)"
+    assert left[f"train/{wnid}/notes.txt"].startswith("not an image file name (suffix '.txt'")
+    assert m["left_out_count"] == len(m["left_out"]) == m["skipped_non_image"] == 4
+    paths = read_split(stage.path, "train").paths
+    assert not any("nested" in p or "gone" in p for p in paths)  # nested images are not listed (README says so)

@@ -25,6 +25,9 @@ def files(tmp_path, monkeypatch):
     from PIL import Image
 
     Image.new("RGB", (40, 30), (200, 120, 40)).save(tmp_path / "photo.png")
+    other = tmp_path / "fast" / "resize" / "0123456789abcdef"  # a finished stage of another kind
+    other.mkdir(parents=True)
+    (other / "manifest.json").write_text('{"stage": "resize", "key": "0123456789abcdef"}')
     return tmp_path
 
 
@@ -103,6 +106,10 @@ CASES = {
     "superres epochs huge": (["superres", "--epochs", "999999999999999"],
                              r"argument --epochs: 999999999999999 is out of range; use a number between 2 and 1000000"),
     "style inf content weight": (["style", "--content-weight", "inf"], r"argument --content-weight: inf is not a finite"),
+    "devise unknown backbone": (["devise", "--backbone", "resnet9000"],
+                                r"--backbone 'resnet9000' is not a backbone this build accepts; choose one of auto"),
+    "gan generator of another stage": (["gan", "--generator", "{t}/fast/resize/0123456789abcdef"],
+                                       r"--generator '.*' is a finished 'resize' stage; a 'superres' stage directory"),
     "sample into a full folder": (["sample", "--out", "{t}"], r"is not empty; choose a new folder"),
 }
 
