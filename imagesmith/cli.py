@@ -221,8 +221,9 @@ def _cmd_evaluate_superres(args: argparse.Namespace) -> int:
     return 0
 
 
-def _read_image(path: str):
-    """(3, H, W) float in [0, 1] of an image file, or a UsageError saying why it cannot be read."""
+def _read_image(path: str, max_pixels: int | None = None):
+    """(3, H, W) float in [0, 1] of an image file, or a UsageError saying why it cannot be read.
+    ``max_pixels``: PIL's decompression-bomb limit for this read (None: PIL's default, ~89 Mpixels)."""
     import numpy as np
     import torch
     from PIL import Image, UnidentifiedImageError
@@ -230,11 +231,19 @@ def _read_image(path: str):
     from prep.resize import to_rgb
 
     _existing(path, "image")
+    limit = Image.MAX_IMAGE_PIXELS
+    if max_pixels is not None:
+        Image.MAX_IMAGE_PIXELS = max_pixels
     try:
         with Image.open(path) as im:
             return torch.from_numpy(np.array(to_rgb(im))).permute(2, 0, 1).float() / 255
+    except Image.DecompressionBombError as e:
+        raise UsageError(f"{path!r} is larger than the {Image.MAX_IMAGE_PIXELS:,}-pixel limit that guards against "
+                         f"decompression bombs ({e}); pass --max-pixels N to raise it") from None
     except (UnidentifiedImageError, OSError, SyntaxError) as e:
         raise UsageError(f"{path!r} is not a readable image ({type(e).__name__}: {e})") from None
+    finally:
+        Image.MAX_IMAGE_PIXELS = limit
 
 
 def _cmd_enhance(args: argparse.Namespace) -> int:
@@ -244,9 +253,15 @@ def _cmd_enhance(args: argparse.Namespace) -> int:
     from training.superres import enhance, load_generator
 
     _existing(args.model, "model")
+    _writable_image_path(args.output)  # before the inference, not after it
+    x = _read_image(args.input, args.max_pixels)
     model = load_generator(args.model)
-    x = _read_image(args.input)
-    y = enhance(model, x, tile=args.tile)
+
+    def progress(done: int, total: int) -> None:
+        if total > 1 and (done == total or done % max(1, total // 10) == 0):
+            print(f"enhance: {done}/{total} tiles", file=sys.stderr, flush=True)
+
+    y = enhance(model, x, tile=args.tile, progress=progress)
     Image.fromarray((y.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)).save(args.output)
     print(f"{args.input} {tuple(x.shape[1:][::-1])} -> {args.output} {tuple(y.shape[1:][::-1])}")
     return 0
@@ -351,6 +366,8 @@ def _writable_image_path(path: str) -> None:
     from PIL import Image
 
     p = Path(path)
+    if p.is_dir():
+        raise UsageError(f"output {path!r} is a folder; name the image file to write, e.g. {str(p / 'out.png')!r}")
     if Image.registered_extensions().get(p.suffix.lower()) is None:
         raise UsageError(f"output {path!r} has no image suffix PIL can write; use .png, .jpg, .webp, ...")
     if not p.parent.is_dir():
@@ -490,7 +507,11 @@ def _cmd_search(args: argparse.Namespace) -> int:
     if args.text is not None and not args.text.strip():
         raise UsageError("--text is empty; give words to search for, e.g. --text \"jumbo jet\"")
     if args.image is not None:
-        _read_image(args.image)  # a missing or unreadable file is named before the index loads
+        _read_image(args.image, args.max_pixels)  # a missing or unreadable file is named before the index loads
+        if args.max_pixels:  # the search reads the file again
+            from PIL import Image
+
+            Image.MAX_IMAGE_PIXELS = args.max_pixels
         if args.index is None and not _has_finished("devise-index"):
             return _conse_search(args)
     search = DeviseSearch(_finished_stage(args.index, "devise-index", "--index"))
@@ -810,6 +831,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("input")
     p.add_argument("output")
     p.add_argument("--tile", type=_int_in(16), default=256, help="tile side in input pixels (bounds memory)")
+    p.add_argument("--max-pixels", type=_int_in(1, 10**10), help="accept input images up to this many pixels "
+                                                                  "(default: PIL's decompression-bomb limit, ~89 M)")
     p.set_defaults(func=_cmd_enhance)
 
     p = sub.add_parser("superres", help="super-resolution: crappify the sample (or --source), train, evaluate vs bicubic")
@@ -921,6 +944,8 @@ def build_parser() -> argparse.ArgumentParser:
     what = p.add_mutually_exclusive_group(required=True)
     what.add_argument("--text", help='words to find images of, e.g. "jumbo jet"')
     what.add_argument("--image", help="an image file to name and find similar images to")
+    p.add_argument("--max-pixels", type=_int_in(1, 10**10), help="accept --image files up to this many pixels "
+                                                                  "(default: PIL's decompression-bomb limit, ~89 M)")
     p.add_argument("-k", type=_int_in(1), default=10)
     p.add_argument("--index", help="a devise-index stage directory (default: the newest on the fast tier)")
     p.set_defaults(func=_cmd_search)

@@ -79,9 +79,12 @@ def test_tiled_enhance_equals_one_pass_on_a_fully_convolutional_model():
     model = JohnsonNet(2, n_res=1).eval()
     image = torch.rand(3, 40, 52)
     whole = model(image[None])[0].clamp(0, 1)
-    tiled = enhance(model, image, tile=24, overlap=10)
+    calls = []
+    tiled = enhance(model, image, tile=24, overlap=10, progress=lambda done, total: calls.append((done, total)))
     assert tiled.shape == (3, 80, 104)
     assert torch.allclose(tiled, whole, atol=1e-5)
+    # progress: every tile reported, of the right total (step 24 - 2 x 10 = 4 px: 10 x 13 tiles)
+    assert calls == [(i, 130) for i in range(1, 131)]
 
 
 def test_bad_loss_name_and_missing_model_are_named(tmp_path):

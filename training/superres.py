@@ -268,7 +268,7 @@ def export_generator(model: torch.nn.Module, arch: str, scale: int, out: Path, *
 
 
 def enhance(model: torch.nn.Module, image: torch.Tensor, *, tile: int = 256, overlap: int = 16,
-            scale: int | None = None) -> torch.Tensor:
+            scale: int | None = None, progress: Callable[[int, int], None] | None = None) -> torch.Tensor:
     """Run a fully convolutional generator on an image of any size, in overlapping tiles.
 
     ``image``: (3, H, W) in [0, 1]. Tiles of ``tile`` low-res pixels bound memory; the overlap is
@@ -278,6 +278,7 @@ def enhance(model: torch.nn.Module, image: torch.Tensor, *, tile: int = 256, ove
     _, h, w = image.shape
     out = torch.zeros(3, h * scale, w * scale)
     step = tile - 2 * overlap
+    total, done = len(range(0, h, step)) * len(range(0, w, step)), 0
     with torch.no_grad():
         for y in range(0, h, step):
             for x in range(0, w, step):
@@ -287,6 +288,9 @@ def enhance(model: torch.nn.Module, image: torch.Tensor, *, tile: int = 256, ove
                 ty, tx = (y - y0) * scale, (x - x0) * scale
                 hh, ww = (min(y + step, h) - y) * scale, (min(x + step, w) - x) * scale
                 out[:, y * scale:y * scale + hh, x * scale:x * scale + ww] = pred[:, ty:ty + hh, tx:tx + ww]
+                done += 1
+                if progress is not None:
+                    progress(done, total)  # (tiles done, tiles in all)
     return out
 
 

@@ -9,6 +9,19 @@ import torch
 from imagesmith.cli import main
 
 
+def _png_header(path, width: int, height: int) -> None:
+    """A PNG whose header says ``width`` x ``height`` (PIL checks the size when opening: a bomb)."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 16))
+                     + chunk(b"IEND", b""))
+
+
 @pytest.fixture
 def files(tmp_path, monkeypatch):
     monkeypatch.setenv("IMAGESMITH_FAST_DIR", str(tmp_path / "fast"))
@@ -25,6 +38,7 @@ def files(tmp_path, monkeypatch):
     from PIL import Image
 
     Image.new("RGB", (40, 30), (200, 120, 40)).save(tmp_path / "photo.png")
+    _png_header(tmp_path / "big20000.png", 20000, 20000)
     other = tmp_path / "fast" / "resize" / "0123456789abcdef"  # a finished stage of another kind
     other.mkdir(parents=True)
     (other / "manifest.json").write_text('{"stage": "resize", "key": "0123456789abcdef"}')
@@ -49,7 +63,7 @@ CASES = {
     "search non-image": (["search", "--image", "{t}/notes.txt"], r"notes.txt' is not a readable image"),
     "search no index": (["search", "--text", "dog"], r"no finished 'devise-index' stage under"),
     "enhance missing model": (["enhance", "{t}/model.pt", "{t}/a.png", "{t}/b.png"], r"model '.*/model.pt' does not exist"),
-    "enhance pickle model": (["enhance", "{t}/evil.pt", "{t}/a.png", "{t}/b.png"],
+    "enhance pickle model": (["enhance", "{t}/evil.pt", "{t}/photo.png", "{t}/b.png"],
                              r"evil.pt is not a plain weights file: .* could run code .* refusing to load it"),
     "evaluate missing store": (["evaluate-superres", "{t}/evil.pt", "{t}/val.h5"], r"store '.*/val.h5' does not exist"),
     "evaluate non-store": (["evaluate-superres", "{t}/evil.pt", "{t}/notes.txt"], r"notes.txt"),
@@ -110,6 +124,12 @@ CASES = {
                                 r"--backbone 'resnet9000' is not a backbone this build accepts; choose one of auto"),
     "gan generator of another stage": (["gan", "--generator", "{t}/fast/resize/0123456789abcdef"],
                                        r"--generator '.*' is a finished 'resize' stage; a 'superres' stage directory"),
+    "enhance a decompression bomb": (["enhance", "{t}/evil.pt", "{t}/big20000.png", "{t}/o.png"],
+                                     r"big20000.png' is larger than the 89,478,485-pixel limit .* pass --max-pixels N"),
+    "search a decompression bomb": (["search", "--image", "{t}/big20000.png"],
+                                    r"big20000.png' is larger than the 89,478,485-pixel limit"),
+    "enhance output a folder": (["enhance", "{t}/evil.pt", "{t}/photo.png", "{t}"], r"output '.*' is a folder"),
+    "enhance output suffix": (["enhance", "{t}/evil.pt", "{t}/photo.png", "{t}/o.txt"], r"has no image suffix"),
     "sample into a full folder": (["sample", "--out", "{t}"], r"is not empty; choose a new folder"),
 }
 
