@@ -19,18 +19,9 @@ from torch.nn import functional as F
 
 from models.schedule import Phase, PhaseSchedule
 from models.train import ModelStep, TrainConfig, train
+from tests.test_train import Tiny
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-class Tiny(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.body = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.Dropout(0.3))
-        self.head = nn.Linear(4, 2)
-
-    def forward(self, x):
-        return self.head(self.body(x).mean(dim=(2, 3)))
 
 
 def _batches(epoch, phase):
