@@ -157,11 +157,6 @@ class StageDir:
             "Rerun the flow to build it (add --refresh if Prefect's cache still points here)."
         )
 
-    def state_token(self) -> str:
-        """What Prefect's cache key adds: a damaged or unfinished stage never answers "Cached"."""
-        manifest = self._read()[0]
-        return f"complete:{manifest.get('completed_unix')}" if manifest is not None else "not-complete"
-
     def move_aside(self) -> Path:
         """Move a damaged stage directory to ``<tier>/.damaged/<stage>/<key>-<time>/`` (kept for a
         person to look at, never deleted); the caller holds the stage's lock."""

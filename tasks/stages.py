@@ -2,10 +2,11 @@
 retries and run names for all of them. The work is the stage spec's (storage/stage.py); these
 wrappers add only what the orchestrator gives: caching, retries, logs and artifacts.
 
-Cache key = the stage directory (tier, stage name, key of the parameters and upstream stages) and
-its completion, plus the shard and its build for shard tasks. So Prefect answers "Cached" exactly
-when the directory it would write is complete and whole; a stage that is unfinished or damaged
-(storage/stage.py) is never cached, so its task runs, and run_stage rebuilds it.
+Cache key = the stage directory (tier, stage name, key of the parameters and upstream stages),
+plus the shard and its build for shard tasks. So Prefect answers "Cached" when the directory it
+would write is the one a finished run wrote; a damaged stage (storage/stage.py) is never cached,
+so its task runs and run_stage rebuilds it. (A cached path whose directory was deleted by hand
+fails downstream with a message that says to --refresh.)
 """
 
 from __future__ import annotations
@@ -94,14 +95,16 @@ def retry_helps(task: Any, task_run: Any, state: Any) -> bool:
 
 
 def _cache_key(_context: Any, inputs: dict[str, Any]) -> str | None:
-    """A whole stage: cached only while it is complete and whole (the key names its completion, so a
-    stage damaged or rebuilt since never answers from an old result); None (no caching) otherwise.
+    """A whole stage: its directory (a rerun of a finished run answers "Cached", and the cached result,
+    the path, is right), except while the stage is damaged: then None (no caching), so the task runs
+    and run_stage moves it aside and rebuilds it (storage/stage.py); after that its old record is right again.
     A shard: cached within one build of its stage (the build's start marker), never across builds."""
     spec, tiers, shard = inputs["spec"], inputs["tiers"], inputs.get("shard")
     stage = spec.stage_dir(tiers)
     if shard is None:
-        token = stage.state_token()
-        return None if token == "not-complete" else hash_objects("imagesmith-stage", str(stage.path), "whole", token)
+        if stage.is_damaged:
+            return None
+        return hash_objects("imagesmith-stage", str(stage.path), "whole")
     try:
         build = (stage.path / STARTED_NAME).read_text()
     except OSError:
