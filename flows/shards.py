@@ -72,11 +72,12 @@ def run_sharded(spec: ShardedStage, tiers: Tiers, *, dask_address: str | None = 
     """plan -> every shard -> join, holding the stage's lock throughout (``wait``: for another run
     building it, else ``StageBusy``); returns the stage directory. A finished stage plans no shard."""
     stage = spec.stage_dir(tiers)
+    refresh_join = refresh or not stage.is_complete  # a build in this run: its join must run (storage/stage.py)
     with nullcontext() if stage.is_complete else stage.lock(wait=wait):
         shards = plan_task(spec)(spec, tiers)
         if shards:  # on this machine's cores: one sharded stage at a time across runs (tasks/stages.py)
             with nullcontext() if dask_scheduler(dask_address) else holding_slots(spec):
                 run_shards(spec, tiers, shards, dask_address=dask_address, refresh=refresh)
-        path = join_task(spec, tiers, refresh=refresh)(spec, tiers, shards)
+        path = join_task(spec, tiers, refresh=refresh_join)(spec, tiers, shards)
     note_used(tiers, path)
     return path

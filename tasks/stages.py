@@ -3,10 +3,10 @@ retries and run names for all of them. The work is the stage spec's (storage/sta
 wrappers add only what the orchestrator gives: caching, retries, logs and artifacts.
 
 Cache key = the stage directory (tier, stage name, key of the parameters and upstream stages),
-plus the shard and its build for shard tasks. So Prefect answers "Cached" when the directory it
-would write is the one a finished run wrote; a damaged stage (storage/stage.py) is never cached,
-so its task runs and run_stage rebuilds it. (A cached path whose directory was deleted by hand
-fails downstream with a message that says to --refresh.)
+plus the shard and its build for shard tasks. A stage that is not complete and whole (never built,
+interrupted, damaged: storage/stage.py) always runs its task (the cache is refreshed, see
+``must_run``), so Prefect answers "Cached" only for a finished, whole stage, and a damaged one is
+rebuilt instead of handed on.
 """
 
 from __future__ import annotations
@@ -95,21 +95,22 @@ def retry_helps(task: Any, task_run: Any, state: Any) -> bool:
 
 
 def _cache_key(_context: Any, inputs: dict[str, Any]) -> str | None:
-    """A whole stage: its directory (a rerun of a finished run answers "Cached", and the cached result,
-    the path, is right), except while the stage is damaged: then None (no caching), so the task runs
-    and run_stage moves it aside and rebuilds it (storage/stage.py); after that its old record is right again.
-    A shard: cached within one build of its stage (the build's start marker), never across builds."""
     spec, tiers, shard = inputs["spec"], inputs["tiers"], inputs.get("shard")
-    stage = spec.stage_dir(tiers)
     if shard is None:
-        if stage.is_damaged:
-            return None
-        return hash_objects("imagesmith-stage", str(stage.path), "whole")
+        return hash_objects("imagesmith-stage", str(spec.stage_dir(tiers).path), "whole")
+    # a shard: cached within one build of its stage (the build's start marker), never across builds
     try:
-        build = (stage.path / STARTED_NAME).read_text()
+        build = (spec.stage_dir(tiers).path / STARTED_NAME).read_text()
     except OSError:
         return None
-    return hash_objects("imagesmith-stage", str(stage.path), shard.label, build)
+    return hash_objects("imagesmith-stage", str(spec.stage_dir(tiers).path), shard.label, build)
+
+
+def must_run(spec: StageSpec, tiers: Tiers) -> bool:
+    """Whether a stage's task must run whatever Prefect's cache holds: the stage is not complete and
+    whole (never built, interrupted, or damaged: storage/stage.py). Its task then refreshes the cache
+    record; a complete stage answers "Cached"."""
+    return not spec.stage_dir(tiers).is_complete
 
 
 def cache_options(tiers: Tiers, refresh: bool = False) -> dict[str, Any]:
@@ -211,7 +212,7 @@ fingerprint_task = task(name="fingerprint-dataset")(fingerprint_dataset)  # unca
 def stage(spec: StageSpec, tiers: Tiers, *, refresh: bool = False, wait: bool = True) -> str:
     """Run ``spec`` as its Prefect task (inside a flow); returns the stage directory. ``wait``: for
     another run building the same stage (else the task fails with ``StageBusy``)."""
-    path = stage_task(spec, tiers, refresh=refresh)(spec, tiers, wait)
+    path = stage_task(spec, tiers, refresh=refresh or must_run(spec, tiers))(spec, tiers, wait)
     note_used(tiers, path)
     return path
 
