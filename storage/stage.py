@@ -141,10 +141,6 @@ class StageDir:
         """None for a complete, whole stage; else why it is not (``unfinished: ...`` or ``damaged: ...``)."""
         return self._read()[1]
 
-    @property
-    def is_damaged(self) -> bool:
-        return (self.problem() or "").startswith("damaged")
-
     def manifest(self) -> dict[str, Any]:
         manifest, why = self._read()
         if manifest is not None:
